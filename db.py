@@ -1,0 +1,253 @@
+"""A thin sqlite3 layer: saved predictions, their stored images, and the counts the charts need.
+
+Images are files named by content hash under the image folder, not BLOBs: the database stays small
+and fast to query, the files can be browsed and exported as they are, and the hash makes saving
+idempotent. Files are written inside the write transaction, so an orphan file can only come from a
+save that died before COMMIT; `remove_orphan_files` deletes those while holding the write lock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+DB_PATH_ENV = "CIFAR10_DB_PATH"
+IMAGE_DIR_ENV = "CIFAR10_IMAGE_DIR"
+DEFAULT_DB_PATH = "image_classification.db"
+DEFAULT_IMAGE_DIR = Path(__file__).resolve().parent / "temp_images"
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records how many have run.
+MIGRATIONS = (
+    """
+    CREATE TABLE predictions (
+        id INTEGER PRIMARY KEY,
+        content_hash TEXT NOT NULL UNIQUE,
+        image_file TEXT NOT NULL,
+        source TEXT NOT NULL,
+        predicted_label TEXT NOT NULL,
+        confidence REAL NOT NULL CHECK (confidence BETWEEN 0 AND 1),
+        final_label TEXT NOT NULL,
+        is_correct INTEGER NOT NULL CHECK (is_correct IN (0, 1)),
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX predictions_final_label ON predictions (final_label);
+    """,
+    """
+    ALTER TABLE predictions ADD COLUMN model_version TEXT NOT NULL DEFAULT 'unknown';
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class NewPrediction:
+    """What the app hands over to be saved for one image."""
+
+    content_hash: str
+    data: bytes
+    extension: str
+    source: str
+    predicted_label: str
+    confidence: float
+    final_label: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class SavedPrediction:
+    id: int
+    content_hash: str
+    image_file: str
+    source: str
+    predicted_label: str
+    confidence: float
+    final_label: str
+    is_correct: bool
+    created_at: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    saved: int
+    already_saved: int
+
+
+class Store:
+    """One database file and its image folder. Every call opens its own connection: safe across Streamlit's threads."""
+
+    def __init__(self, db_path: str | Path, image_dir: str | Path) -> None:
+        self.db_path = Path(db_path)
+        self.image_dir = Path(image_dir)
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        if self.db_path.parent != Path(""):
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            migrate(connection)
+
+    @classmethod
+    def from_env(cls) -> "Store":
+        return cls(os.environ.get(DB_PATH_ENV, DEFAULT_DB_PATH), os.environ.get(IMAGE_DIR_ENV, DEFAULT_IMAGE_DIR))
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.row_factory = sqlite3.Row
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so writers queue on busy_timeout instead of failing."""
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def image_path(self, image_file: str) -> Path:
+        return self.image_dir / image_file
+
+    def save_predictions(self, predictions: Sequence[NewPrediction]) -> SaveResult:
+        """Save a batch in one transaction; images whose hash is already saved are skipped, not duplicated."""
+        saved = 0
+        with self._write() as connection:
+            for prediction in predictions:
+                exists = connection.execute(
+                    "SELECT 1 FROM predictions WHERE content_hash = ?", (prediction.content_hash,)).fetchone()
+                if exists:
+                    continue
+                image_file = f"{prediction.content_hash}.{prediction.extension}"
+                _write_file_atomically(self.image_path(image_file), prediction.data)
+                connection.execute(
+                    "INSERT INTO predictions (content_hash, image_file, source, predicted_label, confidence,"
+                    " final_label, is_correct, created_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (prediction.content_hash, image_file, prediction.source, prediction.predicted_label,
+                     float(prediction.confidence), prediction.final_label,
+                     int(prediction.final_label == prediction.predicted_label),
+                     datetime.now(timezone.utc).isoformat(timespec="seconds"), prediction.model_version),
+                )
+                saved += 1
+        return SaveResult(saved=saved, already_saved=len(predictions) - saved)
+
+    def find_saved(self, content_hashes: Sequence[str]) -> dict[str, SavedPrediction]:
+        """The saved records among these hashes, so the page can say an image was seen before."""
+        if not content_hashes:
+            return {}
+        placeholders = ", ".join("?" * len(content_hashes))
+        with self._connect() as connection:
+            rows = connection.execute(
+                f"SELECT * FROM predictions WHERE content_hash IN ({placeholders})", list(content_hashes)).fetchall()
+        return {row["content_hash"]: _saved(row) for row in rows}
+
+    def list_predictions(self) -> list[SavedPrediction]:
+        with self._connect() as connection:
+            rows = connection.execute("SELECT * FROM predictions ORDER BY created_at DESC, id DESC").fetchall()
+        return [_saved(row) for row in rows]
+
+    def class_counts(self) -> dict[str, int]:
+        """Saved images per final label."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT final_label, COUNT(*) FROM predictions GROUP BY final_label").fetchall()
+        return {label: count for label, count in rows}
+
+    def accuracy_counts(self) -> tuple[int, int]:
+        """(correct, incorrect) predictions among saved images."""
+        with self._connect() as connection:
+            correct, total = connection.execute(
+                "SELECT COALESCE(SUM(is_correct), 0), COUNT(*) FROM predictions").fetchone()
+        return correct, total - correct
+
+    def delete_prediction(self, prediction_id: int) -> bool:
+        """Delete one record, then its file: a failure in between leaves an orphan file, never a dangling row."""
+        with self._write() as connection:
+            row = connection.execute("SELECT image_file FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+            if row is None:
+                return False
+            connection.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,))
+        self.image_path(row["image_file"]).unlink(missing_ok=True)
+        return True
+
+    def clear(self) -> int:
+        """Delete every record, then every stored image; returns how many records went."""
+        with self._write() as connection:
+            deleted = connection.execute("DELETE FROM predictions").rowcount
+        for path in self._stored_files():
+            path.unlink(missing_ok=True)
+        return deleted
+
+    def remove_orphan_files(self) -> int:
+        """Delete stored files that no record points to (left by a save that was killed before COMMIT)."""
+        removed = 0
+        with self._write() as connection:
+            referenced = {row[0] for row in connection.execute("SELECT image_file FROM predictions")}
+            for path in self._stored_files():
+                if path.name not in referenced:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _stored_files(self) -> list[Path]:
+        """Every file the store owns in the image folder, half-written ones included (not .gitkeep)."""
+        return [path for path in self.image_dir.iterdir() if path.is_file() and path.name != ".gitkeep"]
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION, one migration per transaction; returns the version reached."""
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"The database has schema version {version}, newer than this app's {SCHEMA_VERSION}.")
+    for number in range(version, SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the lock: another process may have migrated meanwhile.
+            if connection.execute("PRAGMA user_version").fetchone()[0] > number:
+                connection.execute("ROLLBACK")
+                continue
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {number + 1}")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    return SCHEMA_VERSION
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    if path.exists():
+        return
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _saved(row: sqlite3.Row) -> SavedPrediction:
+    return SavedPrediction(
+        id=row["id"], content_hash=row["content_hash"], image_file=row["image_file"], source=row["source"],
+        predicted_label=row["predicted_label"], confidence=row["confidence"], final_label=row["final_label"],
+        is_correct=bool(row["is_correct"]), created_at=row["created_at"], model_version=row["model_version"],
+    )

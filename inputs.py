@@ -1,0 +1,251 @@
+"""Where untrusted input enters: uploaded bytes become RGB images, URLs become bytes, or a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats are matched on content, never on the file name.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
+ALLOWED_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp")
+MAX_FILE_BYTES = 20 * 1024 * 1024
+# 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
+MAX_PIXELS = 64_000_000
+# Decoded images are kept at most this big: all the page shows, and far more than the model's 32x32.
+# Large JPEGs are decoded straight at 1/2, 1/4 or 1/8 scale (never below this) instead of in full.
+DISPLAY_SIZE = (512, 512)
+
+URL_CONNECT_TIMEOUT = 5.0
+URL_TOTAL_TIMEOUT = 20.0
+URL_MAX_REDIRECTS = 5
+ALLOW_PRIVATE_URLS_ENV = "CIFAR10_ALLOW_PRIVATE_URLS"
+
+# Signatures of common files that are not accepted images, to say what a rejected file really is.
+_KNOWN_SIGNATURES = (
+    (b"%PDF", "a PDF document"),
+    (b"%!PS", "a PostScript/EPS file"),
+    (b"\xc5\xd0\xd3\xc6", "an EPS file"),
+    (b"8BPS", "a Photoshop (PSD) file"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"BM", "a BMP image"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x00\x00\x01\x00", "an icon (ICO) file"),
+)
+
+
+class InvalidImageError(ValueError):
+    """The bytes are not an acceptable image; the message names the file and the problem."""
+
+
+class FetchError(ValueError):
+    """A URL could not be fetched as an image; the message names the URL and the problem."""
+
+
+def _describe_content(data: bytes) -> str | None:
+    for signature, description in _KNOWN_SIGNATURES:
+        if data.startswith(signature):
+            return description
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.strip() and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return "a text file"
+    return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: transparency flattened onto white, 16-bit and float scaled, not clipped."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() if values.size else 0
+        scale = 255.0 / 65535.0 if top > 255 else 1.0
+        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One accepted image: the original bytes (what gets stored), the decoded picture and its identity."""
+
+    source: str
+    data: bytes
+    image: Image.Image
+    content_hash: str
+    extension: str
+
+
+def load_image(data: bytes, name: str = "") -> Image.Image:
+    """Decode untrusted bytes into an upright RGB image (at most DISPLAY_SIZE), or raise InvalidImageError saying why."""
+    return _decode(data, name)[0]
+
+
+def read_image_input(data: bytes, source: str) -> ImageInput:
+    """Decode and fingerprint an upload or download; the hash, not the user's name, identifies it on disk."""
+    image, image_format = _decode(data, source)
+    return ImageInput(
+        source=source,
+        data=data,
+        image=image,
+        content_hash=hashlib.sha256(data).hexdigest(),
+        extension="jpg" if image_format == "JPEG" else image_format.lower(),
+    )
+
+
+def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
+    label = f"'{name}'" if name else "The file"
+    if not data:
+        raise InvalidImageError(f"{label} is empty (0 bytes).")
+    if len(data) > MAX_FILE_BYTES:
+        raise InvalidImageError(
+            f"{label} is {len(data) / 1e6:.1f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB.")
+    allowed = ", ".join(ALLOWED_FORMATS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidImageError(
+            f"{label} declares too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels ({error}).") from error
+    except Exception as error:
+        what = _describe_content(data)
+        if what is not None:
+            raise InvalidImageError(f"{label} is {what}, not an accepted image ({allowed}).") from error
+        raise InvalidImageError(f"{label} is not an image in an accepted format ({allowed}).") from error
+    width, height = image.size
+    if width * height > MAX_PIXELS or width < 1 or height < 1:
+        raise InvalidImageError(
+            f"{label} declares {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if image.format == "JPEG":
+                image.draft(image.mode, DISPLAY_SIZE)
+            image.seek(0)
+            image.load()
+            image_format = image.format
+            image = ImageOps.exif_transpose(image) or image
+            image = _to_rgb(image)
+            image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            return image, image_format
+    except Exception as error:
+        if isinstance(error, OSError) and "truncated" in str(error):
+            raise InvalidImageError(f"{label} is truncated: the {image.format} data ends early.") from error
+        raise InvalidImageError(f"{label} is a damaged {image.format} file that cannot be decoded ({error}).") from error
+
+
+def private_urls_allowed() -> bool:
+    """Off by default: a public server must never be turned into a probe of its own network."""
+    return os.environ.get(ALLOW_PRIVATE_URLS_ENV, "") == "1"
+
+
+def _session(allow_private: bool):
+    """A requests session that checks every connection's address (each redirect hop) and connects to that same IP."""
+    import requests
+    from requests_hardened import Config, HTTPSession
+
+    config = Config(
+        ip_filter_enable=not allow_private,
+        ip_filter_allow_loopback_ips=False,
+        never_redirect=False,
+        default_timeout=(URL_CONNECT_TIMEOUT, URL_CONNECT_TIMEOUT),
+        user_agent_override="cifar10-classifier/1.0",
+    )
+    session = HTTPSession(config) if not allow_private else requests.Session()
+    session.max_redirects = URL_MAX_REDIRECTS
+    session.trust_env = False
+    return session
+
+
+def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = URL_TOTAL_TIMEOUT) -> bytes:
+    """Download an image from an http(s) URL with a size cap and a total deadline, or raise FetchError."""
+    import requests
+    from requests_hardened.ip_filter import InvalidIPAddress
+
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        scheme = f"'{parts.scheme}:'" if parts.scheme else "no scheme"
+        raise FetchError(f"{url!r} has {scheme}; only http:// and https:// URLs are accepted.")
+    try:
+        host = parts.hostname
+        parts.port
+    except ValueError as error:
+        raise FetchError(f"{url!r} is not a valid URL ({error}).") from error
+    if not host:
+        raise FetchError(f"{url!r} is not a valid URL: it has no host name.")
+
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        with _session(private_urls_allowed()) as session:
+            with session.get(url, stream=True, timeout=(URL_CONNECT_TIMEOUT, URL_CONNECT_TIMEOUT)) as response:
+                if response.status_code >= 400:
+                    raise FetchError(f"{url!r} answered HTTP {response.status_code} {response.reason or ''}".rstrip() + ".")
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchError(
+                        f"{url!r} is {int(declared) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB.")
+                while True:
+                    if time.monotonic() - started > deadline_s:
+                        raise FetchError(f"{url!r} took longer than {deadline_s:.0f} s to download.")
+                    chunk = response.raw.read1(64 * 1024, decode_content=True)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise FetchError(f"{url!r} sent more than {max_bytes / 1e6:.0f} MB; the limit.")
+                    chunks.append(chunk)
+    except InvalidIPAddress as error:
+        raise FetchError(
+            f"{url!r} points to a private or local address ({error}), which is refused. "
+            f"Set {ALLOW_PRIVATE_URLS_ENV}=1 to allow it on your own machine.") from error
+    except requests.TooManyRedirects as error:
+        raise FetchError(f"{url!r} redirects more than {URL_MAX_REDIRECTS} times.") from error
+    except requests.Timeout as error:
+        raise FetchError(f"{url!r} did not answer in time ({error.__class__.__name__}).") from error
+    except requests.ConnectionError as error:
+        raise FetchError(f"{url!r} could not be reached: {_reason(error)}.") from error
+    except (requests.RequestException, OSError, ValueError) as error:
+        if isinstance(error, FetchError):
+            raise
+        raise FetchError(f"{url!r} could not be downloaded: {_reason(error)}.") from error
+
+    data = b"".join(chunks)
+    try:
+        load_image(data, url)
+    except InvalidImageError as error:
+        raise FetchError(str(error)) from error
+    return data
+
+
+def _reason(error: Exception) -> str:
+    """The innermost cause of a requests error, which is the part a person can act on."""
+    while error.__context__ is not None and not isinstance(error.__context__, (KeyError, AttributeError)):
+        error = error.__context__
+    text = str(error) or error.__class__.__name__
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+def escape_markdown(text: str) -> str:
+    """User-supplied names are shown as literal text: no links, emphasis or HTML from a crafted file name."""
+    special = "\\`*_{}[]<>#+-!|~$:"
+    return "".join("\\" + ch if ch in special else ch for ch in text.replace("\x00", "\ufffd"))

@@ -1,0 +1,314 @@
+"""Train the CIFAR-10 ResNet-18 from scratch on a CPU, reproducibly and resumably.
+
+    python train.py                      # uses ../shared/data/cifar10-jpeg.tar.gz, else downloads CIFAR-10
+    python train.py --data DIR           # ImageFolder-style train/ and test/, or a torchvision CIFAR-10 root
+    python train.py --resume             # carry on from the last end-of-epoch checkpoint
+
+Recipe: Nesterov SGD with a warm-up then linear decay to zero, label smoothing, flip + translate +
+cutout done with tensor ops on uint8 data held in memory, bf16 autocast + channels_last, and
+progressive resizing (the first epochs at 24x24, which costs about half as much per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from classifier import CLASSES, Classifier, bf16_supported, build_model, normalize, to_uint8_batch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DEFAULT_OUT = ROOT / "models" / "resnet18_cifar10.pt"
+DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- data
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def decode_image_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode <split>/<class>/*.jpg|png into uint8 (N, 3, 32, 32) images and int64 labels."""
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            raise SystemExit(f"{class_dir} is missing: expected one folder per CIFAR-10 class in {split_dir}")
+        for path in sorted(class_dir.iterdir()):
+            with Image.open(path) as image:
+                images.append(to_uint8_batch([image.convert("RGB")]))
+            labels.append(label)
+    return torch.cat(images), torch.tensor(labels)
+
+
+def extract_archive(archive: Path) -> Path:
+    """Extract the JPEG archive once into the git-ignored cache, keyed by its hash."""
+    target = CACHE / f"cifar10-jpeg-{sha256_of(archive)[:12]}"
+    if not (target / "test").is_dir():
+        partial = target.with_suffix(".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(partial, filter="data")
+        # The archive may hold train/ and test/ at its top or under one folder.
+        inner = next(p.parent for p in partial.rglob("test") if (p.parent / "train").is_dir())
+        inner.rename(target)
+    return target
+
+
+def load_cifar10(data: str | None) -> dict:
+    """Uint8 tensors for both splits, decoded once and cached as .npz beside the extracted files."""
+    source: dict = {}
+    if data is None and SHARED_ARCHIVE.is_file():
+        data = str(SHARED_ARCHIVE)
+    if data is not None and Path(data).is_file():
+        source = {"archive": str(Path(data).resolve()), "archive_sha256": sha256_of(Path(data))}
+        folder = extract_archive(Path(data))
+    elif data is not None and (Path(data) / "train").is_dir() and (Path(data) / "test").is_dir():
+        folder = Path(data)
+        source = {"folder": str(folder.resolve())}
+    else:
+        return load_torchvision_cifar10(Path(data) if data else CACHE / "cifar10-torchvision")
+
+    cache_file = folder.with_name(folder.name + ".npz") if folder.is_relative_to(CACHE) else None
+    if cache_file is not None and cache_file.is_file():
+        arrays = dict(np.load(cache_file))
+    else:
+        train_x, train_y = decode_image_folder(folder / "train")
+        test_x, test_y = decode_image_folder(folder / "test")
+        arrays = {"train_x": train_x.numpy(), "train_y": train_y.numpy(),
+                  "test_x": test_x.numpy(), "test_y": test_y.numpy()}
+        if cache_file is not None:
+            np.savez(cache_file, **arrays)
+    tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
+    return {**tensors, "source": source}
+
+
+def load_torchvision_cifar10(root: Path) -> dict:
+    """The original CIFAR-10 through torchvision, downloaded into root when missing (needs internet)."""
+    from torchvision.datasets import CIFAR10
+
+    splits = {}
+    for name, train in (("train", True), ("test", False)):
+        dataset = CIFAR10(str(root), train=train, download=True)
+        splits[f"{name}_x"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        splits[f"{name}_y"] = torch.tensor(dataset.targets)
+    return {**splits, "source": {"torchvision_root": str(root.resolve())}}
+
+
+# ---------------------------------------------------------------- augmentation
+
+def augment(images: torch.Tensor, translate: int, cutout: int, generator: torch.Generator) -> torch.Tensor:
+    """Random mirror, translation (reflect-padded crop) and cutout on a uint8 batch; returns normalised floats."""
+    n, _, h, w = images.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    if translate:
+        padded = F.pad(images.float(), (translate,) * 4, mode="reflect")
+        dy = torch.randint(0, 2 * translate + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * translate + 1, (n,), generator=generator)
+        rows = (dy.view(-1, 1) + torch.arange(h)).view(n, 1, h, 1)
+        cols = (dx.view(-1, 1) + torch.arange(w)).view(n, 1, 1, w)
+        batch_index = torch.arange(n).view(n, 1, 1, 1)
+        channel_index = torch.arange(3).view(1, 3, 1, 1)
+        images = padded[batch_index, channel_index, rows, cols]
+    x = normalize(images)
+    if cutout:
+        cy = torch.randint(0, h, (n, 1, 1), generator=generator)
+        cx = torch.randint(0, w, (n, 1, 1), generator=generator)
+        ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+        hole = ((ys - cy).abs() <= cutout // 2) & ((xs - cx).abs() <= cutout // 2)
+        x = x.masked_fill(hole.unsqueeze(1), 0.0)
+    return x
+
+
+# ---------------------------------------------------------------- training
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup: float) -> float:
+    """Linear warm-up from a tenth of the peak, then linear decay to zero."""
+    warmup_steps = max(1, int(total_steps * warmup))
+    if step < warmup_steps:
+        return peak * (0.1 + 0.9 * step / warmup_steps)
+    return peak * max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+
+
+def evaluate_tensors(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Predicted labels for a uint8 test split, through the same code path as the app."""
+    classifier = Classifier(model, version="training")
+    predictions = classifier.probabilities(images, tta=tta).argmax(dim=1)
+    model.train()
+    return predictions
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def show_progress(epoch: int, epochs: int, step: int, steps: int, loss: float, rate: float, run_left: float) -> None:
+    """One bar line, redrawn in place on a terminal and printed every 50 steps into a log file."""
+    filled = int(24 * step / steps)
+    line = (f"epoch {epoch + 1}/{epochs} [{'#' * filled}{'.' * (24 - filled)}] {step}/{steps} "
+            f"loss {loss:.3f} {rate:.0f} img/s ETA {format_seconds(run_left)}")
+    if sys.stderr.isatty():
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+    elif step % 50 == 0 or step == steps:
+        print(line, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="CIFAR-10 archive, ImageFolder train/test folder, or torchvision root")
+    parser.add_argument("--epochs", type=int, default=22)
+    parser.add_argument("--low-res-epochs", type=int, default=10, help="first epochs trained at --low-res pixels")
+    parser.add_argument("--low-res", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--warmup", type=float, default=0.15, help="fraction of steps spent warming up")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--label-smoothing", type=float, default=0.2)
+    parser.add_argument("--translate", type=int, default=4)
+    parser.add_argument("--cutout", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=4, help="epochs between test evaluations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke tests)")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the fp16 weights go")
+    return parser.parse_args(argv)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} threads, {platform.system()} {platform.release()}"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write then rename, so a run killed mid-save still has its previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    data = load_cifar10(args.data)
+    train_x, train_y = data["train_x"], data["train_y"]
+    if args.limit:
+        train_x, train_y = train_x[:args.limit], train_y[:args.limit]
+    test_x, test_y = data["test_x"], data["test_y"]
+    print(f"data: {len(train_x)} training and {len(test_x)} test images from {data['source']}", flush=True)
+
+    model = build_model().to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = len(train_x) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    history, start_epoch, elapsed = [], 0, 0.0
+    if args.resume:
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["generator"])
+        history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"], checkpoint["elapsed"]
+        print(f"resumed from {args.checkpoint} after epoch {start_epoch}", flush=True)
+    use_bf16 = bf16_supported()
+    print(f"{args.epochs} epochs, {steps_per_epoch} steps each, bf16 autocast {'on' if use_bf16 else 'off'}", flush=True)
+
+    for epoch in range(start_epoch, args.epochs):
+        started = time.time()
+        resolution = args.low_res if epoch < args.low_res_epochs else 32
+        order = torch.randperm(len(train_x), generator=generator)
+        running_loss = 0.0
+        for step in range(steps_per_epoch):
+            global_step = epoch * steps_per_epoch + step
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(global_step, total_steps, args.lr, args.warmup)
+            index = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x = augment(train_x[index], args.translate, args.cutout, generator)
+            if resolution != x.shape[-1]:
+                x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = F.cross_entropy(model(x), train_y[index], label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running_loss = loss.item() if step == 0 else 0.98 * running_loss + 0.02 * loss.item()
+            spent = time.time() - started
+            rate = (step + 1) * args.batch_size / spent
+            epochs_left = args.epochs - epoch - 1
+            run_left = (steps_per_epoch - step - 1) * args.batch_size / rate + epochs_left * steps_per_epoch * args.batch_size / rate
+            show_progress(epoch, args.epochs, step + 1, steps_per_epoch, running_loss, rate, run_left)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        seconds = time.time() - started
+        elapsed += seconds
+        record = {"epoch": epoch + 1, "resolution": resolution, "loss": round(running_loss, 4), "seconds": round(seconds, 1)}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            predicted = evaluate_tensors(model, test_x, test_y, tta=False)
+            record["test_accuracy"] = round((predicted == test_y).float().mean().item(), 4)
+        history.append(record)
+        print(json.dumps(record), flush=True)
+        save_checkpoint(args.checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "history": history, "epoch": epoch + 1, "elapsed": elapsed, "args": vars(args),
+        })
+
+    return write_model(model, args, data, history, elapsed)
+
+
+def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, history: list, elapsed: float) -> dict:
+    """Save fp16 weights (half the size, no measurable accuracy change) and a model card beside them."""
+    test_x, test_y = data["test_x"], data["test_y"]
+    plain = evaluate_tensors(model, test_x, test_y, tta=False)
+    mirrored = evaluate_tensors(model, test_x, test_y, tta=True)
+    per_class = {name: round((mirrored[test_y == i] == i).float().mean().item(), 4) for i, name in enumerate(CLASSES)}
+    card = {
+        "model": "ResNet-18, CIFAR variant (3x3 stride-1 stem, no max-pool), 11.2M parameters",
+        "test_accuracy": round((plain == test_y).float().mean().item(), 4),
+        "test_accuracy_tta": round((mirrored == test_y).float().mean().item(), 4),
+        "per_class_accuracy_tta": per_class,
+        "test_images": len(test_y),
+        "epochs": args.epochs,
+        "training_seconds": round(elapsed),
+        "history": history,
+        "hyperparameters": {key: value for key, value in vars(args).items()
+                            if key not in {"data", "checkpoint", "resume", "out"}},
+        "data": data["source"],
+        "machine": machine_description(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value.half() if value.is_floating_point() else value
+                for key, value in model.state_dict().items()}, args.out)
+    args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {args.out}: test accuracy {card['test_accuracy']:.2%}, with flip TTA {card['test_accuracy_tta']:.2%}")
+    return card
+
+
+if __name__ == "__main__":
+    train(parse_args())
