@@ -157,7 +157,7 @@ if items:
                     record = seen[image.content_hash]
                     st.caption(f"Already saved {record.created_at[:16].replace('T', ' ')} UTC as **{record.final_label}**.")
 
-left, right = st.columns([1, 1])
+left, right, _ = st.columns([1, 1, 4])
 with left:
     st.button(f"Save {len(items)} image{'s' * (len(items) != 1)}", type="primary", disabled=not items,
               on_click=save_all)

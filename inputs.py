@@ -151,24 +151,31 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         raise InvalidImageError(f"{label} is a damaged {image.format} file that cannot be decoded ({error}).") from error
 
 
-def private_urls_allowed() -> bool:
-    """Off by default: a public server must never be turned into a probe of its own network."""
-    return os.environ.get(ALLOW_PRIVATE_URLS_ENV, "") == "1"
+def private_url_policy() -> str:
+    """'none' by default: a public server must never become a probe of its own network.
+
+    CIFAR10_ALLOW_PRIVATE_URLS=1 allows every address (a local user fetching from their own network);
+    CIFAR10_ALLOW_PRIVATE_URLS=loopback allows only this machine (127.0.0.0/8, ::1).
+    """
+    value = os.environ.get(ALLOW_PRIVATE_URLS_ENV, "").strip().lower()
+    return {"1": "all", "loopback": "loopback"}.get(value, "none")
 
 
-def _session(allow_private: bool):
+def _session(policy: str):
     """A requests session that checks every connection's address (each redirect hop) and connects to that same IP."""
     import requests
     from requests_hardened import Config, HTTPSession
 
-    config = Config(
-        ip_filter_enable=not allow_private,
-        ip_filter_allow_loopback_ips=False,
-        never_redirect=False,
-        default_timeout=(URL_CONNECT_TIMEOUT, URL_CONNECT_TIMEOUT),
-        user_agent_override="cifar10-classifier/1.0",
-    )
-    session = HTTPSession(config) if not allow_private else requests.Session()
+    if policy == "all":
+        session = requests.Session()
+    else:
+        session = HTTPSession(Config(
+            ip_filter_enable=True,
+            ip_filter_allow_loopback_ips=policy == "loopback",
+            never_redirect=False,
+            default_timeout=(URL_CONNECT_TIMEOUT, URL_CONNECT_TIMEOUT),
+            user_agent_override="cifar10-classifier/1.0",
+        ))
     session.max_redirects = URL_MAX_REDIRECTS
     session.trust_env = False
     return session
@@ -180,7 +187,10 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
     from requests_hardened.ip_filter import InvalidIPAddress
 
     url = url.strip()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        raise FetchError(f"{url!r} is not a valid URL ({error}).") from error
     if parts.scheme.lower() not in ("http", "https"):
         scheme = f"'{parts.scheme}:'" if parts.scheme else "no scheme"
         raise FetchError(f"{url!r} has {scheme}; only http:// and https:// URLs are accepted.")
@@ -196,8 +206,9 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
     chunks: list[bytes] = []
     received = 0
     try:
-        with _session(private_urls_allowed()) as session:
-            with session.get(url, stream=True, timeout=(URL_CONNECT_TIMEOUT, URL_CONNECT_TIMEOUT)) as response:
+        with _session(private_url_policy()) as session:
+            timeout = (URL_CONNECT_TIMEOUT, min(URL_CONNECT_TIMEOUT, deadline_s))
+            with session.get(url, stream=True, timeout=timeout) as response:
                 if response.status_code >= 400:
                     raise FetchError(f"{url!r} answered HTTP {response.status_code} {response.reason or ''}".rstrip() + ".")
                 declared = response.headers.get("Content-Length", "")

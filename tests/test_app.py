@@ -1,0 +1,187 @@
+"""The real app.py through Streamlit's AppTest: upload, URLs, corrections, Save, charts, clearing."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, Route, image_bytes
+
+RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
+BLUE = image_bytes("JPEG", size=(80, 60), color=(20, 40, 220))
+GREEN = image_bytes("PNG", size=(50, 50), color=(20, 200, 40))
+
+
+def start_app() -> AppTest:
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    app.run()
+    assert not app.exception
+    return app
+
+
+def click(app: AppTest, label_start: str) -> None:
+    [button] = [b for b in app.button if b.label.startswith(label_start)]
+    button.click()
+    app.run()
+    assert not app.exception
+
+
+def unescape(text: str) -> str:
+    return text.replace("\\", "")
+
+
+def rows(db_path) -> list[tuple]:
+    with sqlite3.connect(db_path) as connection:
+        return connection.execute(
+            "SELECT source, predicted_label, final_label, is_correct, image_file FROM predictions ORDER BY source").fetchall()
+
+
+def sidebar_metrics(app: AppTest) -> dict[str, str]:
+    return {metric.label: metric.value for metric in app.sidebar.metric}
+
+
+def upload(app: AppTest, files: list[tuple[str, bytes, str]]) -> None:
+    app.file_uploader[0].set_value(files)
+    app.run()
+    assert not app.exception
+
+
+def test_empty_database_shows_a_friendly_empty_state(store_env):
+    app = start_app()
+    assert "Nothing saved yet" in app.sidebar.info[0].value
+    assert sidebar_metrics(app)["Saved images"] == "0"
+    assert [b.disabled for b in app.button if b.label.startswith("Save")] == [True]
+
+
+def test_upload_correct_and_save(store_env):
+    db_path, image_dir = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("notes.jpg", b"hello", "image/jpeg")])
+    assert len(app.selectbox) == 2
+    [error] = app.error
+    assert "notes.jpg" in unescape(error.value) and "text file" in error.value
+    predicted = [box.value for box in app.selectbox]
+    corrected = "cat" if predicted[1] != "cat" else "dog"
+    app.selectbox[1].set_value(corrected)
+    app.run()
+    click(app, "Save 2 images")
+    assert "Saved 2 images" in app.success[0].value
+    saved = rows(db_path)
+    assert [(source, final) for source, _, final, _, _ in saved] == [("blue.jpg", corrected), ("red.png", predicted[0])]
+    assert [correct for *_, correct, _ in saved] == [0, 1]
+    assert sorted(path.name for path in image_dir.iterdir()) == sorted(file for *_, file in saved)
+    metrics = sidebar_metrics(app)
+    assert metrics["Saved images"] == "2" and metrics["Model accuracy"] == "50.0%"
+    assert len(app.sidebar.get("image")) == 2  # the two charts
+
+
+def test_two_files_with_the_same_name_keep_their_own_corrections(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    upload(app, [("photo.png", RED, "image/png"), ("photo.png", GREEN, "image/png")])
+    assert len(app.selectbox) == 2 and len({box.key for box in app.selectbox}) == 2
+    app.selectbox[0].set_value("ship")
+    app.selectbox[1].set_value("frog")
+    app.run()
+    click(app, "Save")
+    assert sorted(final for _, _, final, _, _ in rows(db_path)) == ["frog", "ship"]
+
+
+def test_saving_twice_does_not_duplicate(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
+    click(app, "Save")
+    click(app, "Save")
+    assert "2 already saved" in app.success[0].value
+    app.run()
+    assert len(rows(db_path)) == 2
+
+
+def test_an_image_already_saved_says_so(store_env):
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png")])
+    click(app, "Save")
+    fresh = start_app()
+    upload(fresh, [("copy-of-red.png", RED, "image/png")])
+    assert any("Already saved" in caption.value for caption in fresh.caption)
+
+
+def test_clear_database_asks_first(store_env):
+    db_path, image_dir = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png")])
+    click(app, "Save")
+    click(app, "Clear database")
+    assert "cannot be undone" in app.sidebar.warning[0].value
+    assert len(rows(db_path)) == 1
+    click(app, "Cancel")
+    assert len(rows(db_path)) == 1 and not app.sidebar.warning
+    click(app, "Clear database")
+    click(app, "Yes, delete everything")
+    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
+    assert "Database cleared: 1 saved image deleted" in app.success[0].value
+    assert sidebar_metrics(app)["Saved images"] == "0"
+
+
+def test_clear_all_empties_the_page_and_keeps_the_database(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
+    app.text_area[0].input("http://127.0.0.1:9/none.png")
+    app.run()
+    click(app, "Save")
+    click(app, "Clear all")
+    assert len(app.selectbox) == 0 and not app.error
+    assert app.file_uploader[0].value in (None, [])
+    assert app.text_area[0].value == ""
+    assert len(rows(db_path)) == 2
+
+
+def test_urls_are_fetched_and_bad_ones_report_themselves(store_env, local_server, monkeypatch):
+    monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
+    db_path, _ = store_env
+    local_server.routes["/red.png"] = Route(body=RED)
+    local_server.routes["/page.html"] = Route(body=b"<html>hi</html>")
+    good, missing, html = local_server.url("/red.png"), local_server.url("/missing.png"), local_server.url("/page.html")
+    app = start_app()
+    upload(app, [("blue.jpg", BLUE, "image/jpeg")])
+    app.text_area[0].input(f"{good}\n{missing}\n  \n{html}\nftp://127.0.0.1/x.png")
+    app.run()
+    assert not app.exception
+    assert len(app.selectbox) == 2
+    errors = [unescape(error.value) for error in app.error]
+    assert len(errors) == 3
+    assert missing in errors[0] and "HTTP 404" in errors[0]
+    assert html in errors[1] and "not an accepted image" in errors[1]
+    assert "only http:// and https://" in errors[2]
+    click(app, "Save")
+    assert sorted(source for source, *_ in rows(db_path)) == ["blue.jpg", good]
+
+
+def test_private_urls_are_refused_by_default(store_env, local_server, monkeypatch):
+    monkeypatch.delenv("CIFAR10_ALLOW_PRIVATE_URLS", raising=False)
+    local_server.routes["/red.png"] = Route(body=RED)
+    app = start_app()
+    app.text_area[0].input(local_server.url("/red.png"))
+    app.run()
+    assert "private or local address" in app.error[0].value and local_server.requests == []
+
+
+@pytest.mark.parametrize("name", ["[click me](http://evil.example)<img src=x onerror=alert(1)>.png",
+                                  "../../etc/passwd.png", "**bold**:red[x].png"])
+def test_hostile_file_names_are_shown_literally_and_not_used_on_disk(store_env, name):
+    db_path, image_dir = store_env
+    app = start_app()
+    upload(app, [(name, RED, "image/png")])
+    captions = [caption.value for caption in app.caption]
+    assert any(unescape(caption) == name for caption in captions)
+    # Every character that could start a link, HTML tag, emphasis or directive arrives escaped.
+    assert not any(re.search(r"(?<!\\)[\[\]<>*:]", caption) for caption in captions if unescape(caption) == name)
+    click(app, "Save")
+    [(source, *_, image_file)] = rows(db_path)
+    assert source == name and "/" not in image_file and len(image_file.split(".")[0]) == 64
+    assert [path.name for path in image_dir.iterdir()] == [image_file]

@@ -1,0 +1,143 @@
+"""Classifier.predict and load_classifier on the shipped weights, and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+import classifier as classifier_module
+from classifier import CLASSES, Classifier, WeightsError, build_model, load_classifier, to_uint8_batch
+from conftest import ROOT, image_bytes
+
+
+def pictures() -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(7)
+    images = [Image.new("RGB", (640, 480), (30, 120, 200)), Image.new("RGB", (32, 32), (250, 250, 250))]
+    for size in [(50, 70), (300, 200), (32, 32)]:
+        noise = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(noise.numpy()))
+    return images
+
+
+def test_cifar_resnet18_shape():
+    model = build_model()
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(11.17e6, rel=0.01)
+    assert model.conv1.stride == (1, 1) and model.conv1.kernel_size == (3, 3)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_prediction_fields(classifier):
+    predictions = classifier.predict(pictures(), top_k=3)
+    assert len(predictions) == 5
+    for prediction in predictions:
+        assert prediction.label in CLASSES and len(prediction.probabilities) == 10
+        assert sum(prediction.probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert all(0.0 <= p <= 1.0 for p in prediction.probabilities)
+        probabilities = [p for _, p in prediction.top_k]
+        assert len(prediction.top_k) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert prediction.top_k[0] == (prediction.label, prediction.confidence)
+        assert prediction.confidence == max(prediction.probabilities)
+
+
+def test_same_input_same_result(classifier):
+    first, second = classifier.predict(pictures()), classifier.predict(pictures())
+    assert first == second
+
+
+def test_batch_and_single_agree(classifier):
+    images = pictures()
+    batch = classifier.predict(images)
+    for image, batched in zip(images, batch):
+        [single] = classifier.predict([image])
+        assert single.label == batched.label
+        assert single.probabilities == pytest.approx(batched.probabilities, abs=0.02)
+
+
+def test_batches_larger_than_a_chunk(classifier):
+    images = pictures() * 30  # 150 images: three chunks
+    predictions = classifier.predict(images)
+    assert [p.label for p in predictions] == [p.label for p in classifier.predict(pictures())] * 30
+
+
+def test_empty_input(classifier):
+    assert classifier.predict([]) == []
+
+
+def test_concurrent_predictions_from_many_threads(classifier):
+    images = pictures()
+    expected = [p.label for p in classifier.predict(images)]
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append([p.label for p in classifier.predict(images)])
+        except Exception as error:  # noqa: BLE001 - any failure in a thread must fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == [expected] * 6
+
+
+def test_fp32_and_bf16_agree_on_real_photos_labels(classifier):
+    fp32 = Classifier(classifier.model, classifier.version, use_bf16=False)
+    batch = to_uint8_batch(pictures())
+    assert classifier.probabilities(batch).argmax(1).tolist() == fp32.probabilities(batch).argmax(1).tolist()
+
+
+def test_preprocessing_is_anti_aliased():
+    """A fine checkerboard must average to grey, not alias into stripes."""
+    board = Image.new("L", (512, 512))
+    board.putdata([255 * ((x + y) % 2) for y in range(512) for x in range(512)])
+    batch = to_uint8_batch([board.convert("RGB")])
+    assert batch.shape == (1, 3, 32, 32)
+    assert batch.float().std() < 10 and 110 < batch.float().mean() < 145
+
+
+def test_missing_weights_say_what_to_do(tmp_path):
+    with pytest.raises(WeightsError, match="train.py") as caught:
+        load_classifier(tmp_path / "nothing.pt")
+    assert "nothing.pt" in str(caught.value)
+
+
+def test_corrupt_weights_say_what_to_do(tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not be loaded") as caught:
+        load_classifier(broken)
+    assert "broken.pt" in str(caught.value) and "train.py" in str(caught.value)
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(WeightsError, match="wrong.pt"):
+        load_classifier(wrong)
+
+
+def test_version_names_the_weights_file(classifier):
+    assert classifier.version.startswith("resnet18_cifar10@") and len(classifier.version.split("@")[1]) == 12
+    assert classifier_module.DEFAULT_WEIGHTS.stat().st_size < 25e6
+
+
+def test_command_line_reports_each_file_and_goes_on_after_a_bad_one(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(image_bytes("PNG", size=(100, 80)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"plain text")
+    run = subprocess.run([sys.executable, str(ROOT / "classifier.py"), str(bad), str(good), str(tmp_path / "gone.png")],
+                         capture_output=True, text=True, timeout=120)
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 3
+    assert lines[0].startswith(f"{bad}\tERROR\t") and "text file" in lines[0]
+    name, label, confidence = lines[1].split("\t")
+    assert name == str(good) and label in CLASSES and confidence.endswith("%")
+    assert lines[2].startswith(f"{tmp_path / 'gone.png'}\tERROR\t")
