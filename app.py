@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import streamlit as st
 
 import charts
 from classifier import CLASSES, load_classifier
 from db import DB_PATH_ENV, DEFAULT_DB_PATH, DEFAULT_IMAGE_DIR, IMAGE_DIR_ENV, NewPrediction, Store
-from inputs import (ALLOWED_EXTENSIONS, MAX_FILE_BYTES, FetchError, InvalidImageError, escape_markdown,
-                    fetch_image, read_image_input)
+from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
+                    escape_markdown, fetch_image, read_image_input)
 
 LOW_CONFIDENCE = 0.5
 COLUMNS = 4
@@ -48,6 +49,10 @@ def label_key(input_key: str) -> str:
 
 def current_items() -> list[tuple[str, object, object]]:
     return [(key, *result) for key, result in state.results.items() if not isinstance(result, str)]
+
+
+def read_source(name: str, upload) -> ImageInput:
+    return read_image_input(upload.getvalue() if upload is not None else fetch_image(name), name)
 
 
 def save_all() -> None:
@@ -115,20 +120,23 @@ state.results = {key: state.results[key] for key, _, _ in sources if key in stat
 new_sources = [source for source in sources if source[0] not in state.results]
 if new_sources:
     progress = st.progress(0.0, text=f"Reading {len(new_sources)} image(s)...")
-    decoded = []
-    for number, (key, name, upload) in enumerate(new_sources, start=1):
-        try:
-            data = upload.getvalue() if upload is not None else fetch_image(name)
-            decoded.append((key, read_image_input(data, name)))
-        except (InvalidImageError, FetchError) as error:
-            state.results[key] = str(error)
-        progress.progress(number / len(new_sources), text=f"Read {number} of {len(new_sources)}: {name}")
+    decoded = {}
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        futures = {pool.submit(read_source, name, upload): (key, name) for key, name, upload in new_sources}
+        for number, future in enumerate(as_completed(futures), start=1):
+            key, name = futures[future]
+            try:
+                decoded[key] = future.result()
+            except (InvalidImageError, FetchError) as error:
+                state.results[key] = str(error)
+            progress.progress(number / len(new_sources), text=f"Read {number} of {len(new_sources)}")
     progress.empty()
     if decoded:
         with st.spinner(f"Classifying {len(decoded)} image(s)..."):
-            predictions = classifier.predict([image.image for _, image in decoded])
-        for (key, image), prediction in zip(decoded, predictions):
+            predictions = classifier.predict([image.image for image in decoded.values()])
+        for (key, image), prediction in zip(decoded.items(), predictions):
             state.results[key] = (image, prediction)
+    state.results = {key: state.results[key] for key, _, _ in sources}
 
 if state.flash:
     kind, message = state.flash

@@ -20,8 +20,12 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 # 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # Decoded images are kept at most this big: all the page shows, and far more than the model's 32x32.
-# Large JPEGs are decoded straight at 1/2, 1/4 or 1/8 scale (never below this) instead of in full.
 DISPLAY_SIZE = (512, 512)
+# Large JPEGs are decoded straight at 1/2, 1/4 or 1/8 scale, never below this, instead of in full.
+DRAFT_SIZE = (256, 256)
+
+# Pillow releases the GIL while decoding, so a batch decodes on every core.
+DECODE_THREADS = max(2, os.cpu_count() or 1)
 
 URL_CONNECT_TIMEOUT = 5.0
 URL_TOTAL_TIMEOUT = 20.0
@@ -137,7 +141,7 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if image.format == "JPEG":
-                image.draft(image.mode, DISPLAY_SIZE)
+                image.draft(image.mode, DRAFT_SIZE)
             image.seek(0)
             image.load()
             image_format = image.format
