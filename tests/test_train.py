@@ -1,0 +1,59 @@
+"""train.py end to end on a tiny ImageFolder data set made here: it trains, checkpoints, resumes and writes a model card."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+import train
+from classifier import CLASSES, load_classifier
+
+
+def make_image_folder(root, per_class: int) -> None:
+    for split in ("train", "test"):
+        for index, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for number in range(per_class):
+                color = (index * 25, 255 - index * 25, (number * 40) % 256)
+                Image.new("RGB", (32, 32), color).save(folder / f"{number}.png")
+
+
+def test_train_resume_and_model_card(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=4)
+    common = ["--data", str(tmp_path / "data"), "--batch-size", "8", "--low-res-epochs", "1",
+              "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "model.pt")]
+
+    first = train.parse_args(common + ["--epochs", "1"])
+    train.train(first)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["history"][0]["resolution"] == 24
+
+    resumed = train.parse_args(common + ["--epochs", "2", "--resume", "--eval-every", "1"])
+    card = train.train(resumed)
+    assert [record["epoch"] for record in card["history"]] == [1, 2]
+    assert card["history"][1]["resolution"] == 32 and "test_accuracy" in card["history"][1]
+
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert saved["test_images"] == 40 and set(saved["per_class_accuracy_tta"]) == set(CLASSES)
+    assert 0 <= saved["test_accuracy"] <= 1 and saved["epochs"] == 2 and saved["data"]["folder"]
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(value.dtype == torch.float16 for value in weights.values() if value.is_floating_point())
+    assert load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0].label in CLASSES
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    rates = [train.learning_rate(step, 100, 0.1, 0.2) for step in range(101)]
+    assert rates[0] == 0.1 * 0.1 and max(rates) == rates[20] == 0.1
+    assert rates[100] == 0.0 and all(a >= b for a, b in zip(rates[20:], rates[21:]))
+
+
+def test_augment_keeps_shape_and_flips_and_shifts():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.arange(32, dtype=torch.uint8).repeat(64, 3, 32, 1)  # each row counts 0..31 left to right
+    out = train.augment(images, translate=4, cutout=0, generator=generator)
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    firsts = out[:, 0, 16, 16]
+    assert len(set(firsts.tolist())) > 4  # different shifts / flips per image
