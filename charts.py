@@ -63,3 +63,20 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], title: str = "Confu
                 axes.text(column, row, str(value), ha="center", va="center", fontsize=7,
                           color="white" if value > peak / 2 else "black")
     return figure
+
+
+def per_class_accuracy_figure(matrix: Sequence[Sequence[int]]) -> Figure:
+    """For each true (final) class, the share the model got right; classes with no saved images are left blank."""
+    totals = [sum(row) for row in matrix]
+    accuracies = [matrix[i][i] / totals[i] if totals[i] else 0.0 for i in range(len(CLASSES))]
+    figure = Figure(figsize=(4, 3.2), layout="constrained")
+    axes = figure.subplots()
+    bars = axes.barh(CLASSES, [a * 100 for a in accuracies], color=BAR_COLOR)
+    axes.invert_yaxis()
+    axes.bar_label(bars, labels=[f"{a:.0%} of {n}" if n else "none" for a, n in zip(accuracies, totals)],
+                   padding=2, fontsize=7)
+    axes.set_xlim(0, 130)
+    axes.set_xlabel("% predicted correctly")
+    axes.set_title("Accuracy per class (saved feedback)", fontsize=10)
+    axes.tick_params(labelsize=8)
+    return figure

@@ -8,12 +8,15 @@ save that died before COMMIT; `remove_orphan_files` deletes those while holding 
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import sqlite3
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +46,8 @@ MIGRATIONS = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+EXPORT_COLUMNS = ("id", "source", "predicted_label", "confidence", "final_label", "is_correct", "created_at",
+                  "model_version", "content_hash")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,27 @@ class SavedPrediction:
 class SaveResult:
     saved: int
     already_saved: int
+    ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeletedPrediction:
+    """A deleted record with its image bytes, kept so the deletion can be undone."""
+
+    record: SavedPrediction
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Undo:
+    """The last save or delete of a session, and how to take it back."""
+
+    description: str
+    saved_ids: tuple[int, ...] = ()
+    deleted: tuple[DeletedPrediction, ...] = ()
+
+    def apply(self, store: "Store") -> int:
+        return len(store.delete_predictions(self.saved_ids)) + store.restore_predictions(self.deleted)
 
 
 class Store:
@@ -124,7 +150,7 @@ class Store:
 
     def save_predictions(self, predictions: Sequence[NewPrediction]) -> SaveResult:
         """Save a batch in one transaction; images whose hash is already saved are skipped, not duplicated."""
-        saved = 0
+        ids = []
         with self._write() as connection:
             for prediction in predictions:
                 exists = connection.execute(
@@ -133,7 +159,7 @@ class Store:
                     continue
                 image_file = f"{prediction.content_hash}.{prediction.extension}"
                 _write_file_atomically(self.image_path(image_file), prediction.data)
-                connection.execute(
+                cursor = connection.execute(
                     "INSERT INTO predictions (content_hash, image_file, source, predicted_label, confidence,"
                     " final_label, is_correct, created_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (prediction.content_hash, image_file, prediction.source, prediction.predicted_label,
@@ -141,8 +167,8 @@ class Store:
                      int(prediction.final_label == prediction.predicted_label),
                      datetime.now(timezone.utc).isoformat(timespec="seconds"), prediction.model_version),
                 )
-                saved += 1
-        return SaveResult(saved=saved, already_saved=len(predictions) - saved)
+                ids.append(cursor.lastrowid)
+        return SaveResult(saved=len(ids), already_saved=len(predictions) - len(ids), ids=tuple(ids))
 
     def find_saved(self, content_hashes: Sequence[str]) -> dict[str, SavedPrediction]:
         """The saved records among these hashes, so the page can say an image was seen before."""
@@ -154,10 +180,51 @@ class Store:
                 f"SELECT * FROM predictions WHERE content_hash IN ({placeholders})", list(content_hashes)).fetchall()
         return {row["content_hash"]: _saved(row) for row in rows}
 
-    def list_predictions(self) -> list[SavedPrediction]:
+    def list_predictions(self, labels: Sequence[str] = (), corrected_only: bool = False,
+                         since: date | None = None, until: date | None = None) -> list[SavedPrediction]:
+        """Saved records, newest first, optionally only some final labels, only corrections, or a date range (UTC)."""
+        where, parameters = [], []
+        if labels:
+            where.append(f"final_label IN ({', '.join('?' * len(labels))})")
+            parameters += list(labels)
+        if corrected_only:
+            where.append("is_correct = 0")
+        if since is not None:
+            where.append("created_at >= ?")
+            parameters.append(since.isoformat())
+        if until is not None:
+            where.append("created_at < ?")
+            parameters.append((until + timedelta(days=1)).isoformat())
+        query = "SELECT * FROM predictions" + (" WHERE " + " AND ".join(where) if where else "")
         with self._connect() as connection:
-            rows = connection.execute("SELECT * FROM predictions ORDER BY created_at DESC, id DESC").fetchall()
+            rows = connection.execute(query + " ORDER BY created_at DESC, id DESC", parameters).fetchall()
         return [_saved(row) for row in rows]
+
+    def export_csv(self) -> str:
+        """Every record as CSV, for spreadsheets."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(EXPORT_COLUMNS)
+        for record in self.list_predictions():
+            writer.writerow([getattr(record, column) for column in EXPORT_COLUMNS])
+        return buffer.getvalue()
+
+    def export_zip(self) -> bytes:
+        """Images in ImageFolder layout by final label (airplane/<hash>.jpg ...) plus a labels.csv manifest."""
+        buffer = io.BytesIO()
+        manifest = io.StringIO()
+        writer = csv.writer(manifest)
+        writer.writerow(["file"] + list(EXPORT_COLUMNS))
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for record in self.list_predictions():
+                path = self.image_path(record.image_file)
+                if not path.exists():
+                    continue
+                name = f"{record.final_label}/{record.image_file}"
+                archive.write(path, name)
+                writer.writerow([name] + [getattr(record, column) for column in EXPORT_COLUMNS])
+            archive.writestr("labels.csv", manifest.getvalue())
+        return buffer.getvalue()
 
     def class_counts(self) -> dict[str, int]:
         """Saved images per final label."""
@@ -173,15 +240,53 @@ class Store:
                 "SELECT COALESCE(SUM(is_correct), 0), COUNT(*) FROM predictions").fetchone()
         return correct, total - correct
 
-    def delete_prediction(self, prediction_id: int) -> bool:
-        """Delete one record, then its file: a failure in between leaves an orphan file, never a dangling row."""
+    def delete_predictions(self, prediction_ids: Sequence[int]) -> list[DeletedPrediction]:
+        """Delete records, then their files: a failure in between leaves orphan files, never a dangling row."""
+        deleted = []
         with self._write() as connection:
-            row = connection.execute("SELECT image_file FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
-            if row is None:
-                return False
-            connection.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,))
-        self.image_path(row["image_file"]).unlink(missing_ok=True)
-        return True
+            for prediction_id in prediction_ids:
+                row = connection.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
+                if row is None:
+                    continue
+                record = _saved(row)
+                path = self.image_path(record.image_file)
+                deleted.append(DeletedPrediction(record, path.read_bytes() if path.exists() else b""))
+                connection.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,))
+        for item in deleted:
+            self.image_path(item.record.image_file).unlink(missing_ok=True)
+        return deleted
+
+    def restore_predictions(self, deleted: Sequence[DeletedPrediction]) -> int:
+        """Undo a deletion: the same rows (same ids and times) and files come back, unless saved again meanwhile."""
+        restored = 0
+        with self._write() as connection:
+            for item in deleted:
+                record = item.record
+                if connection.execute("SELECT 1 FROM predictions WHERE content_hash = ? OR id = ?",
+                                      (record.content_hash, record.id)).fetchone():
+                    continue
+                _write_file_atomically(self.image_path(record.image_file), item.data)
+                connection.execute(
+                    "INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence,"
+                    " final_label, is_correct, created_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.content_hash, record.image_file, record.source, record.predicted_label,
+                     record.confidence, record.final_label, int(record.is_correct), record.created_at,
+                     record.model_version),
+                )
+                restored += 1
+        return restored
+
+    def confusion_counts(self) -> list[list[int]]:
+        """Saved feedback as a matrix: rows are final (true) labels, columns predicted labels, in CLASSES order."""
+        from classifier import CLASSES
+
+        matrix = [[0] * len(CLASSES) for _ in CLASSES]
+        with self._connect() as connection:
+            for final, predicted, count in connection.execute(
+                    "SELECT final_label, predicted_label, COUNT(*) FROM predictions GROUP BY 1, 2"):
+                if final in CLASSES and predicted in CLASSES:
+                    matrix[CLASSES.index(final)][CLASSES.index(predicted)] = count
+        return matrix
 
     def clear(self) -> int:
         """Delete every record, then every stored image; returns how many records went."""

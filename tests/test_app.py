@@ -43,10 +43,14 @@ def sidebar_metrics(app: AppTest) -> dict[str, str]:
     return {metric.label: metric.value for metric in app.sidebar.metric}
 
 
-def upload(app: AppTest, files: list[tuple[str, bytes, str]]) -> None:
+def upload(app: AppTest, files: list[tuple[str, bytes, str]], threshold: int = 0) -> None:
+    """Upload; with the low-confidence threshold at 0 nothing is flagged, so images stay in upload order."""
     app.file_uploader[0].set_value(files)
     app.run()
     assert not app.exception
+    if app.slider:
+        app.slider[0].set_value(threshold)
+        app.run()
 
 
 def test_empty_database_shows_a_friendly_empty_state(store_env):
@@ -75,7 +79,7 @@ def test_upload_correct_and_save(store_env):
     assert sorted(path.name for path in image_dir.iterdir()) == sorted(file for *_, file in saved)
     metrics = sidebar_metrics(app)
     assert metrics["Saved images"] == "2" and metrics["Model accuracy"] == "50.0%"
-    assert len(app.sidebar.get("image")) == 2  # the two charts
+    assert len(app.sidebar.get("image")) == 4  # distribution and accuracy, plus the two in the insight expander
 
 
 def test_two_files_with_the_same_name_keep_their_own_corrections(store_env):
@@ -185,3 +189,95 @@ def test_hostile_file_names_are_shown_literally_and_not_used_on_disk(store_env, 
     [(source, *_, image_file)] = rows(db_path)
     assert source == name and "/" not in image_file and len(image_file.split(".")[0]) == 64
     assert [path.name for path in image_dir.iterdir()] == [image_file]
+
+
+def save_three(store_env) -> AppTest:
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
+    predicted = app.selectbox[0].value
+    app.selectbox[0].set_value("truck" if predicted != "truck" else "ship")
+    app.run()
+    click(app, "Save 3 images")
+    return app
+
+
+def test_undo_the_last_save(store_env):
+    db_path, image_dir = store_env
+    app = save_three(store_env)
+    assert len(rows(db_path)) == 3
+    click(app, "Undo last change")
+    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
+    assert "Undid the save of 3 images" in app.info[0].value
+    assert not [b for b in app.button if b.label.startswith("Undo")]
+
+
+def test_review_settings_persist_and_low_confidence_is_flagged_first(store_env):
+    app = start_app()
+    files = [(f"{i}.png", image_bytes("PNG", size=(60, 40), color=color), "image/png")
+             for i, color in enumerate([(250, 250, 250), (10, 10, 10), (200, 30, 30), (30, 160, 60), (40, 90, 220)])]
+    upload(app, files, threshold=0)
+    confidences = [float(m.value.split()[1].rstrip("%")) / 100 for m in app.markdown if m.value.startswith("**")]
+    thresholds = [t for t in range(5, 100, 5) if 0 < sum(c < t / 100 for c in confidences) < len(confidences)]
+    if not thresholds:
+        pytest.skip(f"all confidences {confidences} fall in one 5% step: no threshold splits them")
+    threshold = thresholds[0]
+    app.slider[0].set_value(threshold)
+    app.run()
+    flagged = [i for i, c in enumerate(confidences) if c < threshold / 100]
+    expected = flagged + [i for i in range(len(confidences)) if i not in flagged]
+    shown = [unescape(c.value) for c in app.caption if unescape(c.value) in {name for name, _, _ in files}]
+    assert shown == [f"{i}.png" for i in expected]
+    badges = [m.value for m in app.markdown if "low confidence" in m.value]
+    assert len(badges) == len(flagged)
+    app.segmented_control[0].set_value("Table")
+    app.run()
+    assert not app.exception and len(app.selectbox) == 0
+    click(app, "Clear all")
+    assert not app.segmented_control
+    app.file_uploader[0].set_value(files[:1])
+    app.run()
+    assert app.segmented_control[0].value == "Table" and app.slider[0].value == threshold
+
+
+def start_history() -> AppTest:
+    history = AppTest.from_file(str(ROOT / "pages" / "1_History.py"), default_timeout=120)
+    history.run()
+    assert not history.exception
+    return history
+
+
+def test_history_lists_filters_deletes_and_undoes(store_env):
+    db_path, image_dir = store_env
+    save_three(store_env)
+    history = start_history()
+    assert "3 of 3 saved images match" in history.caption[0].value
+    history.toggle[0].set_value(True)
+    history.run()
+    assert "1 of 3 saved images match" in history.caption[0].value
+    assert "corrected from" in history.markdown[0].value
+    history.toggle[0].set_value(False)
+    history.multiselect[0].set_value(["frog", "bird"])
+    history.run()
+    expected = sum(1 for _, _, final, _, _ in rows(db_path) if final in ("frog", "bird"))
+    assert f"{expected} of 3 saved images match" in history.caption[0].value
+    history.multiselect[0].set_value([])
+    history.run()
+
+    victim_source = unescape(history.caption[1].value).split(" · ")[0]
+    history.button(key=[b.key for b in history.button if b.key and b.key.startswith("delete-")][0]).click()
+    history.run()
+    assert victim_source not in [source for source, *_ in rows(db_path)] and len(rows(db_path)) == 2
+    assert len(list(image_dir.iterdir())) == 2
+    [undo] = [b for b in history.button if b.label.startswith("Undo")]
+    undo.click()
+    history.run()
+    assert len(rows(db_path)) == 3 and len(list(image_dir.iterdir())) == 3
+
+
+def test_history_offers_both_downloads_and_an_empty_state(store_env):
+    history = start_history()
+    assert "Nothing saved yet" in history.info[0].value
+    save_three(store_env)
+    history = start_history()
+    labels = [button.label for button in history.get("download_button")]
+    assert labels == ["Download records (CSV)", "Download images (ZIP)"]

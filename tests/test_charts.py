@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from classifier import CLASSES
-from charts import accuracy_figure, class_distribution_figure, confusion_matrix_figure
+from charts import accuracy_figure, class_distribution_figure, confusion_matrix_figure, per_class_accuracy_figure
 
 
 def bar_widths(figure) -> list[float]:
@@ -36,3 +36,12 @@ def test_confusion_matrix_writes_counts():
     figure = confusion_matrix_figure(matrix)
     texts = [text.get_text() for text in figure.axes[0].texts]
     assert texts == ["7"]
+
+
+def test_per_class_accuracy():
+    matrix = [[0] * 10 for _ in range(10)]
+    matrix[3][3], matrix[3][5] = 3, 1
+    figure = per_class_accuracy_figure(matrix)
+    assert bar_widths(figure)[3] == 75.0 and sum(bar_widths(figure)) == 75.0
+    labels = [text.get_text() for text in figure.axes[0].texts]
+    assert labels[3] == "75% of 4" and labels[0] == "none"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import zipfile
+from datetime import datetime, timedelta, timezone
 import multiprocessing
 import os
 import signal
@@ -67,12 +71,30 @@ def test_find_saved(store):
     assert list(found) == [first.content_hash] and found[first.content_hash].final_label == "dog"
 
 
-def test_delete_one_record_removes_its_file(store):
-    store.save_predictions([prediction("a"), prediction("b")])
+def test_delete_one_record_removes_its_file_and_undo_brings_both_back(store):
+    store.save_predictions([prediction("a"), prediction("b", final="dog")])
     victim = store.list_predictions()[0]
-    assert store.delete_prediction(victim.id)
+    [deleted] = store.delete_predictions([victim.id])
     assert not store.image_path(victim.image_file).exists()
-    assert len(store.list_predictions()) == 1 and not store.delete_prediction(victim.id)
+    assert len(store.list_predictions()) == 1 and store.delete_predictions([victim.id]) == []
+    assert store.restore_predictions([deleted]) == 1
+    assert victim in store.list_predictions() and store.image_path(victim.image_file).read_bytes() == deleted.data
+    assert store.restore_predictions([deleted]) == 0  # never duplicated
+
+
+def test_undo_a_save_by_its_ids(store):
+    store.save_predictions([prediction("old")])
+    result = store.save_predictions([prediction("a"), prediction("b")])
+    assert len(result.ids) == 2
+    store.delete_predictions(result.ids)
+    assert [row.source for row in store.list_predictions()] == ["old.png"]
+    assert len(list(store.image_dir.iterdir())) == 1
+
+
+def test_confusion_counts(store):
+    store.save_predictions([prediction("a", "cat"), prediction("b", "cat", final="dog"), prediction("c", "cat", final="dog")])
+    matrix = store.confusion_counts()
+    assert matrix[3][3] == 1 and matrix[5][3] == 2 and sum(map(sum, matrix)) == 3
 
 
 def test_clear_removes_rows_and_files_but_keeps_gitkeep(store):
@@ -194,3 +216,27 @@ def test_killed_mid_save_leaves_all_or_nothing_and_no_orphans(tmp_path):
     store = Store(db_path, image_dir)
     assert store.remove_orphan_files() >= 3  # ...which the next start removes
     assert [p.name for p in image_dir.iterdir()] == [store.list_predictions()[0].image_file]
+
+
+def test_filters(store):
+    store.save_predictions([prediction("a", "cat"), prediction("b", "cat", final="dog"), prediction("c", "ship")])
+    assert {r.source for r in store.list_predictions(labels=["dog", "ship"])} == {"b.png", "c.png"}
+    assert [r.source for r in store.list_predictions(corrected_only=True)] == ["b.png"]
+    today = datetime.now(timezone.utc).date()
+    assert len(store.list_predictions(since=today, until=today)) == 3
+    assert store.list_predictions(since=today + timedelta(days=1)) == []
+    assert store.list_predictions(until=today - timedelta(days=1)) == []
+
+
+def test_export_csv_and_imagefolder_zip(store):
+    batch = [prediction("a", "cat"), prediction("b", "cat", final="dog")]
+    store.save_predictions(batch)
+    lines = list(csv.reader(io.StringIO(store.export_csv())))
+    assert lines[0][:5] == ["id", "source", "predicted_label", "confidence", "final_label"] and len(lines) == 3
+    with zipfile.ZipFile(io.BytesIO(store.export_zip())) as archive:
+        names = set(archive.namelist())
+        assert names == {"labels.csv", f"cat/{batch[0].content_hash}.png", f"dog/{batch[1].content_hash}.png"}
+        assert archive.read(f"dog/{batch[1].content_hash}.png") == batch[1].data
+        manifest = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode())))
+        assert {row["file"]: row["final_label"] for row in manifest} == {
+            f"cat/{batch[0].content_hash}.png": "cat", f"dog/{batch[1].content_hash}.png": "dog"}
