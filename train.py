@@ -3,6 +3,7 @@
     python train.py                      # uses ../shared/data/cifar10-jpeg.tar.gz, else downloads CIFAR-10
     python train.py --data DIR           # ImageFolder-style train/ and test/, or a torchvision CIFAR-10 root
     python train.py --resume             # carry on from the last end-of-epoch checkpoint
+    python train.py --finetune export.zip --out models/resnet18_cifar10.pt   # learn from saved corrections
 
 Recipe: Nesterov SGD with a warm-up then linear decay to zero, label smoothing, flip + translate +
 cutout done with tensor ops on uint8 data held in memory, bf16 autocast + channels_last, and
@@ -20,6 +21,7 @@ import platform
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from classifier import CLASSES, Classifier, bf16_supported, build_model, normalize, to_uint8_batch
+from classifier import (CLASSES, Classifier, bf16_supported, build_model, load_classifier, normalize,
+                        to_uint8_batch)
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
@@ -192,7 +195,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the fp16 weights go")
+    parser.add_argument("--finetune", metavar="EXPORT_ZIP_OR_DIR",
+                        help="fine-tune --weights on images exported from the History page instead of training")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_OUT, help="the model --finetune starts from")
+    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--finetune-mix", type=int, default=10, help="CIFAR-10 images per exported image")
+    parser.add_argument("--max-drop", type=float, default=0.003, help="largest test-accuracy drop accepted")
     return parser.parse_args(argv)
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                args: argparse.Namespace, generator: torch.Generator, resolution: int, epoch: int, epochs: int,
+                lr_at_step) -> float:
+    """One pass over shuffled, augmented batches; returns the smoothed loss."""
+    use_bf16 = bf16_supported()
+    steps = len(images) // args.batch_size
+    order = torch.randperm(len(images), generator=generator)
+    started, running_loss = time.time(), 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(epoch * steps + step)
+        index = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x = augment(images[index], args.translate, args.cutout, generator)
+        if resolution != x.shape[-1]:
+            x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = F.cross_entropy(model(x), labels[index], label_smoothing=args.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running_loss = loss.item() if step == 0 else 0.98 * running_loss + 0.02 * loss.item()
+        rate = (step + 1) * args.batch_size / (time.time() - started)
+        images_left = (steps - step - 1 + (epochs - epoch - 1) * steps) * args.batch_size
+        show_progress(epoch, epochs, step + 1, steps, running_loss, rate, images_left / rate)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    return running_loss
 
 
 def machine_description() -> str:
@@ -235,35 +274,14 @@ def train(args: argparse.Namespace) -> dict:
         generator.set_state(checkpoint["generator"])
         history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"], checkpoint["elapsed"]
         print(f"resumed from {args.checkpoint} after epoch {start_epoch}", flush=True)
-    use_bf16 = bf16_supported()
-    print(f"{args.epochs} epochs, {steps_per_epoch} steps each, bf16 autocast {'on' if use_bf16 else 'off'}", flush=True)
+    print(f"{args.epochs} epochs, {steps_per_epoch} steps each, bf16 autocast {'on' if bf16_supported() else 'off'}",
+          flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         resolution = args.low_res if epoch < args.low_res_epochs else 32
-        order = torch.randperm(len(train_x), generator=generator)
-        running_loss = 0.0
-        for step in range(steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(global_step, total_steps, args.lr, args.warmup)
-            index = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = augment(train_x[index], args.translate, args.cutout, generator)
-            if resolution != x.shape[-1]:
-                x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = F.cross_entropy(model(x), train_y[index], label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running_loss = loss.item() if step == 0 else 0.98 * running_loss + 0.02 * loss.item()
-            spent = time.time() - started
-            rate = (step + 1) * args.batch_size / spent
-            epochs_left = args.epochs - epoch - 1
-            run_left = (steps_per_epoch - step - 1) * args.batch_size / rate + epochs_left * steps_per_epoch * args.batch_size / rate
-            show_progress(epoch, args.epochs, step + 1, steps_per_epoch, running_loss, rate, run_left)
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
+        running_loss = train_epoch(model, optimizer, train_x, train_y, args, generator, resolution,
+                                   epoch, args.epochs, lambda step: learning_rate(step, total_steps, args.lr, args.warmup))
         seconds = time.time() - started
         elapsed += seconds
         record = {"epoch": epoch + 1, "resolution": resolution, "loss": round(running_loss, 4), "seconds": round(seconds, 1)}
@@ -280,7 +298,75 @@ def train(args: argparse.Namespace) -> dict:
     return write_model(model, args, data, history, elapsed)
 
 
-def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, history: list, elapsed: float) -> dict:
+def load_export(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and final labels from the app's export: the ZIP or its unpacked folder (<label>/<file>)."""
+    from inputs import MAX_FILE_BYTES, InvalidImageError, load_image
+
+    entries: list[tuple[str, str, bytes]] = []
+    if path.is_file():
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                label, _, name = info.filename.partition("/")
+                if label in CLASSES and name and "/" not in name and info.file_size <= MAX_FILE_BYTES:
+                    entries.append((label, info.filename, archive.read(info)))
+    else:
+        for label in CLASSES:
+            if (path / label).is_dir():
+                entries += [(label, str(file), file.read_bytes()) for file in sorted((path / label).iterdir())
+                            if file.is_file() and file.stat().st_size <= MAX_FILE_BYTES]
+    images, labels = [], []
+    for label, name, data in entries:
+        try:
+            images.append(to_uint8_batch([load_image(data, name)]))
+        except InvalidImageError as error:
+            print(f"skipped: {error}", flush=True)
+            continue
+        labels.append(CLASSES.index(label))
+    if not images:
+        raise SystemExit(f"{path} holds no usable images in <label>/<file> layout (an export from the History page)")
+    return torch.cat(images), torch.tensor(labels)
+
+
+def finetune(args: argparse.Namespace) -> dict | None:
+    """Fine-tune the shipped model on exported corrections mixed with CIFAR-10 training images (so it does
+    not forget), and replace the weights only if CIFAR-10 test accuracy drops by no more than --max-drop."""
+    torch.manual_seed(args.seed)
+    data = load_cifar10(args.data)
+    test_x, test_y = data["test_x"], data["test_y"]
+    base = load_classifier(args.weights)
+    model = base.model.train()
+    base_accuracy = (evaluate_tensors(model, test_x, test_y, tta=True) == test_y).float().mean().item()
+    export_x, export_y = load_export(Path(args.finetune))
+    generator = torch.Generator().manual_seed(args.seed)
+    mixed = max(args.finetune_mix * len(export_x), 5000)
+    sample = torch.randperm(len(data["train_x"]), generator=generator)[:mixed]
+    repeats = max(1, len(sample) // (4 * len(export_x)))  # corrections make up about a fifth of each epoch
+    images = torch.cat([data["train_x"][sample], export_x.repeat(repeats, 1, 1, 1)])
+    labels = torch.cat([data["train_y"][sample], export_y.repeat(repeats)])
+    print(f"fine-tuning {base.version} (test accuracy {base_accuracy:.2%}) on {len(export_x)} exported images "
+          f"x{repeats} mixed with {len(sample)} CIFAR-10 training images", flush=True)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.finetune_lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    total_steps = args.finetune_epochs * (len(images) // args.batch_size)
+    started, history = time.time(), []
+    for epoch in range(args.finetune_epochs):
+        loss = train_epoch(model, optimizer, images, labels, args, generator, 32, epoch, args.finetune_epochs,
+                           lambda step: args.finetune_lr * (1 - step / max(1, total_steps)))
+        history.append({"epoch": epoch + 1, "loss": round(loss, 4)})
+    accuracy = (evaluate_tensors(model, test_x, test_y, tta=True) == test_y).float().mean().item()
+    print(f"CIFAR-10 test accuracy {base_accuracy:.2%} -> {accuracy:.2%}", flush=True)
+    if accuracy < base_accuracy - args.max_drop:
+        print(f"not saved: accuracy dropped by more than {args.max_drop:.1%} points; {args.out} is unchanged")
+        return None
+    return write_model(model, args, data, history, time.time() - started, extra={
+        "finetuned_from": base.version, "base_test_accuracy_tta": round(base_accuracy, 4),
+        "finetune_images": len(export_x),
+    })
+
+
+def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, history: list, elapsed: float,
+                extra: dict | None = None) -> dict:
     """Save fp16 weights (half the size, no measurable accuracy change) and a model card beside them."""
     test_x, test_y = data["test_x"], data["test_y"]
     plain = evaluate_tensors(model, test_x, test_y, tta=False)
@@ -292,15 +378,16 @@ def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, hi
         "test_accuracy_tta": round((mirrored == test_y).float().mean().item(), 4),
         "per_class_accuracy_tta": per_class,
         "test_images": len(test_y),
-        "epochs": args.epochs,
+        "epochs": args.finetune_epochs if args.finetune else args.epochs,
         "training_seconds": round(elapsed),
         "history": history,
         "hyperparameters": {key: value for key, value in vars(args).items()
-                            if key not in {"data", "checkpoint", "resume", "out"}},
+                            if key not in {"data", "checkpoint", "resume", "out", "weights"}},
         "data": data["source"],
         "machine": machine_description(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
+        **(extra or {}),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({key: value.half() if value.is_floating_point() else value
@@ -311,4 +398,8 @@ def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, hi
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    arguments = parse_args()
+    if arguments.finetune:
+        finetune(arguments)
+    else:
+        train(arguments)

@@ -57,3 +57,31 @@ def test_augment_keeps_shape_and_flips_and_shifts():
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
     firsts = out[:, 0, 16, 16]
     assert len(set(firsts.tolist())) > 4  # different shifts / flips per image
+
+
+def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store_env):
+    """The History page's ZIP goes straight into --finetune; the new weights are written only when allowed."""
+    from db import NewPrediction, Store
+    from conftest import image_bytes
+    import hashlib
+
+    make_image_folder(tmp_path / "data", per_class=2)
+    store = Store(*store_env)
+    exported = [image_bytes("PNG", size=(40, 40), color=(30 * i, 200 - 15 * i, 90)) for i in range(6)]
+    store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", f"{i}.png", "cat", 0.4,
+                                          CLASSES[i], "test") for i, data in enumerate(exported)])
+    export = tmp_path / "export.zip"
+    export.write_bytes(store.export_zip())
+    x, y = train.load_export(export)
+    assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == list(range(6))
+
+    common = ["--data", str(tmp_path / "data"), "--finetune", str(export), "--batch-size", "16",
+              "--finetune-epochs", "1", "--finetune-mix", "1"]
+    refused = tmp_path / "refused.pt"
+    assert train.finetune(train.parse_args(common + ["--out", str(refused), "--max-drop", "-1"])) is None
+    assert not refused.exists()
+
+    accepted = tmp_path / "accepted.pt"
+    card = train.finetune(train.parse_args(common + ["--out", str(accepted), "--max-drop", "1"]))
+    assert accepted.exists() and card["finetuned_from"].startswith("resnet18_cifar10@") and card["finetune_images"] == 6
+    assert load_classifier(accepted).version != load_classifier().version
