@@ -38,7 +38,7 @@ if not everything:
     st.info("Nothing saved yet. Classify images on the main page and click **Save**.")
     st.stop()
 
-labels_column, corrected_column, dates_column = st.columns([3, 1, 2])
+labels_column, corrected_column, dates_column = st.columns([3, 1.5, 2])
 with labels_column:
     labels = st.multiselect("Final label", CLASSES, placeholder="All labels")
 with corrected_column:

@@ -94,7 +94,7 @@ def test_upload_correct_save_in_a_real_browser(running_app, page, tmp_path):
     boxes = page.locator('[data-testid="stSelectbox"]')
     boxes.nth(1).wait_for(timeout=30_000)
     assert boxes.count() == 2
-    first_box = boxes.nth(0).get_by_role("combobox")
+    first_box = page.locator('[data-testid="stColumn"]').filter(has_text="red.png").get_by_role("combobox")
     correction = "horse" if first_box.input_value() != "horse" else "deer"
     first_box.click()
     first_box.fill(correction)
@@ -102,6 +102,23 @@ def test_upload_correct_save_in_a_real_browser(running_app, page, tmp_path):
     wait_idle(page)
     assert first_box.input_value() == correction
 
+    # The table view corrects the other image: its selectbox cell takes the new class.
+    page.locator('[data-testid="stButtonGroup"]').get_by_text("Table", exact=True).click()
+    wait_idle(page)
+    grid = page.locator('[data-testid="stDataFrame"]')
+    grid.wait_for(timeout=30_000)
+    sky_row = 0 if grid.locator('[data-testid="glide-cell-1-0"]').inner_text().strip() == "sky.png" else 1
+    sky_prediction = grid.locator(f'[data-testid="glide-cell-2-{sky_row}"]').inner_text().strip()
+    table_correction = "ship" if sky_prediction != "ship" else "truck"
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + 30, box["y"] + 50)  # the first row's first cell
+    for key in ["ArrowRight"] * 5 + ["ArrowDown"] * sky_row + ["Enter"]:  # to sky.png's label cell, and edit it
+        page.keyboard.press(key)
+    page.wait_for_timeout(300)
+    page.keyboard.type(table_correction)
+    page.keyboard.press("Enter")
+    page.get_by_text("images classified").click()  # leave the grid, which commits the edit
+    wait_idle(page)
     page.get_by_role("button", name="Save 2 images").click()
     page.get_by_text("Saved 2 images").wait_for(timeout=30_000)
     wait_idle(page)
@@ -111,4 +128,16 @@ def test_upload_correct_save_in_a_real_browser(running_app, page, tmp_path):
     with sqlite3.connect(db_path) as connection:
         saved = dict(connection.execute("SELECT source, final_label FROM predictions").fetchall())
     assert set(saved) == {"red.png", "sky.png"} and saved["red.png"] == correction
+    assert saved["sky.png"] == table_correction
     assert page.locator('[data-testid="stSidebar"] [data-testid="stMetricValue"]').first.inner_text() == "2"
+
+    # The History page lists both, and its CSV download carries the correction.
+    page.get_by_role("link", name="History").click()
+    page.get_by_text("2 of 2 saved images match").wait_for(timeout=30_000)
+    wait_idle(page)
+    assert page.get_by_text("corrected from").count() == 2
+    with page.expect_download(timeout=30_000) as download_info:
+        page.get_by_role("button", name="Download records (CSV)").click()
+    csv_text = Path(download_info.value.path()).read_text()
+    assert csv_text.startswith("id,source,predicted_label") and f",{correction}," in csv_text
+    page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
