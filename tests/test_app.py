@@ -281,3 +281,35 @@ def test_history_offers_both_downloads_and_an_empty_state(store_env):
     history = start_history()
     labels = [button.label for button in history.get("download_button")]
     assert labels == ["Download records (CSV)", "Download images (ZIP)"]
+
+
+def test_a_batch_of_bad_files_reports_each_and_saves_only_the_good_one(store_env):
+    from test_inputs import png_declaring
+
+    db_path, image_dir = store_env
+    truncated = image_bytes("JPEG", size=(200, 200))
+    bad = {
+        "empty.jpg": b"",
+        "report.jpg": b"%PDF-1.7\n%binary\n",
+        "cut.jpg": truncated[: len(truncated) // 2],
+        "bomb.png": png_declaring(30000, 30000),
+        "scan.png": image_bytes("TIFF"),
+    }
+    app = start_app()
+    upload(app, [(name, data, "image/png") for name, data in bad.items()] + [("good.png", RED, "image/png")])
+    errors = [unescape(error.value) for error in app.error]
+    assert len(errors) == len(bad)
+    for name, error in zip(bad, errors):
+        assert f"'{name}'" in error
+    assert len(app.selectbox) == 1
+    click(app, "Save 1 image")
+    assert [source for source, *_ in rows(db_path)] == ["good.png"] and len(list(image_dir.iterdir())) == 1
+
+
+def test_upload_limit_in_config_matches_the_server_check():
+    import tomllib
+
+    import inputs
+
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] * 2**20 == inputs.MAX_FILE_BYTES
