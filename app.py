@@ -134,7 +134,8 @@ with st.sidebar:
 
 # ---------------------------------------------------------------- main page: inputs
 st.title("CIFAR-10 image classifier")
-st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`.")
+accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
+st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")
 
 uploads = st.file_uploader(
     "Upload images", type=list(ALLOWED_EXTENSIONS), accept_multiple_files=True,

@@ -8,6 +8,7 @@ Run as a script to classify files from the command line:
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import threading
 from dataclasses import dataclass
@@ -86,9 +87,11 @@ def file_sha256(path: Path) -> str:
 class Classifier:
     """One loaded model shared by every Streamlit session; a lock keeps concurrent calls from fighting for the cores."""
 
-    def __init__(self, model: nn.Module, version: str, use_bf16: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, version: str, use_bf16: bool | None = None,
+                 test_accuracy: float | None = None) -> None:
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.version = version
+        self.test_accuracy = test_accuracy
         self.use_bf16 = bf16_supported() if use_bf16 is None else use_bf16
         self._lock = threading.Lock()
 
@@ -136,7 +139,9 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
         model.load_state_dict({key: value.float() for key, value in state.items()})
     except Exception as error:
         raise WeightsError(f"Model weights at {path} could not be loaded ({error}). {hint}") from error
-    return Classifier(model, version=f"{path.stem}@{file_sha256(path)[:12]}")
+    card = path.with_suffix(".json")
+    test_accuracy = json.loads(card.read_text()).get("test_accuracy_tta") if card.is_file() else None
+    return Classifier(model, version=f"{path.stem}@{file_sha256(path)[:12]}", test_accuracy=test_accuracy)
 
 
 def main(paths: Sequence[str]) -> int:
