@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ _KNOWN_SIGNATURES = (
     (b"PK\x03\x04", "a ZIP archive"),
     (b"\x00\x00\x01\x00", "an icon (ICO) file"),
 )
+
+
+_WARNINGS_LOCK = threading.Lock()
 
 
 class InvalidImageError(ValueError):
@@ -120,10 +124,11 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         raise InvalidImageError(f"{label} is empty (0 bytes).")
     if len(data) > MAX_FILE_BYTES:
         raise InvalidImageError(
-            f"{label} is {len(data) / 1e6:.1f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB.")
+            f"{label} is {len(data) / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB.")
     allowed = ", ".join(ALLOWED_FORMATS)
     try:
-        with warnings.catch_warnings():
+        # catch_warnings changes process-wide state: the lock keeps decoding threads from undoing each other's.
+        with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -139,17 +144,15 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         raise InvalidImageError(
             f"{label} declares {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if image.format == "JPEG":
-                image.draft(image.mode, DRAFT_SIZE)
-            image.seek(0)
-            image.load()
-            image_format = image.format
-            image = ImageOps.exif_transpose(image) or image
-            image = _to_rgb(image)
-            image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            return image, image_format
+        if image.format == "JPEG":
+            image.draft(image.mode, DRAFT_SIZE)
+        image.seek(0)
+        image.load()
+        image_format = image.format
+        image = ImageOps.exif_transpose(image) or image
+        image = _to_rgb(image)
+        image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return image, image_format
     except Exception as error:
         if isinstance(error, OSError) and "truncated" in str(error):
             raise InvalidImageError(f"{label} is truncated: the {image.format} data ends early.") from error
@@ -219,7 +222,7 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
                 declared = response.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise FetchError(
-                        f"{url!r} is {int(declared) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB.")
+                        f"{url!r} is {int(declared) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
                 while True:
                     if time.monotonic() - started > deadline_s:
                         raise FetchError(f"{url!r} took longer than {deadline_s:.0f} s to download.")
@@ -228,7 +231,7 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
                         break
                     received += len(chunk)
                     if received > max_bytes:
-                        raise FetchError(f"{url!r} sent more than {max_bytes / 1e6:.0f} MB; the limit.")
+                        raise FetchError(f"{url!r} sent more than the {max_bytes / 2**20:.0f} MB limit.")
                     chunks.append(chunk)
     except InvalidIPAddress as error:
         raise FetchError(

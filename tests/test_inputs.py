@@ -67,6 +67,10 @@ def test_decompression_bomb_refused_before_decoding():
     assert "megapixels" in message and "900000000" in message
 
 
+def test_our_pixel_cap_applies_below_pillows_guard():
+    assert "9000x8000" in refused(png_declaring(9000, 8000), "wide.png")  # 72 MP: Pillow only warns at 89 MP
+
+
 def test_pillow_bomb_warning_is_an_error_not_a_warning(monkeypatch):
     """Even under our own pixel cap, Pillow's guard must raise rather than warn."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
