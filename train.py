@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -29,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from classifier import (CLASSES, Classifier, bf16_supported, build_model, load_classifier, normalize,
-                        to_uint8_batch)
+from classifier import (CLASSES, Classifier, bf16_supported, build_model, file_sha256, load_classifier,
+                        normalize, to_uint8_batch)
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
@@ -40,14 +39,6 @@ DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- data
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def decode_image_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode <split>/<class>/*.jpg|png into uint8 (N, 3, 32, 32) images and int64 labels."""
@@ -63,9 +54,9 @@ def decode_image_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.tensor(labels)
 
 
-def extract_archive(archive: Path) -> Path:
+def extract_archive(archive: Path, archive_sha256: str) -> Path:
     """Extract the JPEG archive once into the git-ignored cache, keyed by its hash."""
-    target = CACHE / f"cifar10-jpeg-{sha256_of(archive)[:12]}"
+    target = CACHE / f"cifar10-jpeg-{archive_sha256[:12]}"
     if not (target / "test").is_dir():
         partial = target.with_suffix(".partial")
         partial.mkdir(parents=True, exist_ok=True)
@@ -83,8 +74,8 @@ def load_cifar10(data: str | None) -> dict:
     if data is None and SHARED_ARCHIVE.is_file():
         data = str(SHARED_ARCHIVE)
     if data is not None and Path(data).is_file():
-        source = {"archive": str(Path(data).resolve()), "archive_sha256": sha256_of(Path(data))}
-        folder = extract_archive(Path(data))
+        source = {"archive": str(Path(data).resolve()), "archive_sha256": file_sha256(Path(data))}
+        folder = extract_archive(Path(data), source["archive_sha256"])
     elif data is not None and (Path(data) / "train").is_dir() and (Path(data) / "test").is_dir():
         folder = Path(data)
         source = {"folder": str(folder.resolve())}
@@ -295,7 +286,7 @@ def train(args: argparse.Namespace) -> dict:
             "history": history, "epoch": epoch + 1, "elapsed": elapsed, "args": vars(args),
         })
 
-    return write_model(model, args, data, history, elapsed)
+    return write_model(model, args, data, history, elapsed, test_metrics(model, test_x, test_y))
 
 
 def load_export(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,30 +345,37 @@ def finetune(args: argparse.Namespace) -> dict | None:
         loss = train_epoch(model, optimizer, images, labels, args, generator, 32, epoch, args.finetune_epochs,
                            lambda step: args.finetune_lr * (1 - step / max(1, total_steps)))
         history.append({"epoch": epoch + 1, "loss": round(loss, 4)})
-    accuracy = (evaluate_tensors(model, test_x, test_y, tta=True) == test_y).float().mean().item()
+    metrics = test_metrics(model, test_x, test_y)
+    accuracy = metrics["test_accuracy_tta"]
     print(f"CIFAR-10 test accuracy {base_accuracy:.2%} -> {accuracy:.2%}", flush=True)
     if accuracy < base_accuracy - args.max_drop:
         print(f"not saved: accuracy dropped by more than {args.max_drop:.1%} points; {args.out} is unchanged")
         return None
-    return write_model(model, args, data, history, time.time() - started, extra={
+    return write_model(model, args, data, history, time.time() - started, metrics, extra={
         "finetuned_from": base.version, "base_test_accuracy_tta": round(base_accuracy, 4),
         "finetune_images": len(export_x),
     })
 
 
-def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, history: list, elapsed: float,
-                extra: dict | None = None) -> dict:
-    """Save fp16 weights (half the size, no measurable accuracy change) and a model card beside them."""
-    test_x, test_y = data["test_x"], data["test_y"]
+def test_metrics(model: torch.nn.Module, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    """Test accuracy with and without flip TTA, and per class with TTA: what the model card reports."""
     plain = evaluate_tensors(model, test_x, test_y, tta=False)
     mirrored = evaluate_tensors(model, test_x, test_y, tta=True)
-    per_class = {name: round((mirrored[test_y == i] == i).float().mean().item(), 4) for i, name in enumerate(CLASSES)}
-    card = {
-        "model": "ResNet-18, CIFAR variant (3x3 stride-1 stem, no max-pool), 11.2M parameters",
+    return {
         "test_accuracy": round((plain == test_y).float().mean().item(), 4),
         "test_accuracy_tta": round((mirrored == test_y).float().mean().item(), 4),
-        "per_class_accuracy_tta": per_class,
-        "test_images": len(test_y),
+        "per_class_accuracy_tta": {name: round((mirrored[test_y == i] == i).float().mean().item(), 4)
+                                   for i, name in enumerate(CLASSES)},
+    }
+
+
+def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, history: list, elapsed: float,
+                metrics: dict, extra: dict | None = None) -> dict:
+    """Save fp16 weights (half the size, no measurable accuracy change) and a model card beside them."""
+    card = {
+        "model": "ResNet-18, CIFAR variant (3x3 stride-1 stem, no max-pool), 11.2M parameters",
+        **metrics,
+        "test_images": len(data["test_y"]),
         "epochs": args.finetune_epochs if args.finetune else args.epochs,
         "training_seconds": round(elapsed),
         "history": history,
