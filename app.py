@@ -87,8 +87,7 @@ def save_all() -> None:
 
 
 def undo_last() -> None:
-    changed = state.undo.apply(store)
-    state.flash = ("info", f"Undid the {state.undo.description} ({changed} record{'s' * (changed != 1)}).")
+    state.flash = ("info", state.undo.apply(store))
     state.undo = None
 
 

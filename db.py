@@ -9,6 +9,7 @@ save that died before COMMIT; `remove_orphan_files` deletes those while holding 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import sqlite3
@@ -101,8 +102,10 @@ class Undo:
     saved_ids: tuple[int, ...] = ()
     deleted: tuple[DeletedPrediction, ...] = ()
 
-    def apply(self, store: "Store") -> int:
-        return len(store.delete_predictions(self.saved_ids)) + store.restore_predictions(self.deleted)
+    def apply(self, store: "Store") -> str:
+        """Take the change back; returns what to tell the person."""
+        changed = len(store.delete_predictions(self.saved_ids)) + store.restore_predictions(self.deleted)
+        return f"Undid the {self.description} ({changed} record{'s' * (changed != 1)})."
 
 
 class Store:
@@ -159,15 +162,14 @@ class Store:
                     continue
                 image_file = f"{prediction.content_hash}.{prediction.extension}"
                 _write_file_atomically(self.image_path(image_file), prediction.data)
-                cursor = connection.execute(
-                    "INSERT INTO predictions (content_hash, image_file, source, predicted_label, confidence,"
-                    " final_label, is_correct, created_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (prediction.content_hash, image_file, prediction.source, prediction.predicted_label,
-                     float(prediction.confidence), prediction.final_label,
-                     int(prediction.final_label == prediction.predicted_label),
-                     datetime.now(timezone.utc).isoformat(timespec="seconds"), prediction.model_version),
-                )
-                ids.append(cursor.lastrowid)
+                ids.append(_insert(
+                    connection, content_hash=prediction.content_hash, image_file=image_file,
+                    source=prediction.source, predicted_label=prediction.predicted_label,
+                    confidence=float(prediction.confidence), final_label=prediction.final_label,
+                    is_correct=int(prediction.final_label == prediction.predicted_label),
+                    created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    model_version=prediction.model_version,
+                ))
         return SaveResult(saved=len(ids), already_saved=len(predictions) - len(ids), ids=tuple(ids))
 
     def find_saved(self, content_hashes: Sequence[str]) -> dict[str, SavedPrediction]:
@@ -266,13 +268,7 @@ class Store:
                                       (record.content_hash, record.id)).fetchone():
                     continue
                 _write_file_atomically(self.image_path(record.image_file), item.data)
-                connection.execute(
-                    "INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence,"
-                    " final_label, is_correct, created_at, model_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.content_hash, record.image_file, record.source, record.predicted_label,
-                     record.confidence, record.final_label, int(record.is_correct), record.created_at,
-                     record.model_version),
-                )
+                _insert(connection, **{**dataclasses.asdict(record), "is_correct": int(record.is_correct)})
                 restored += 1
         return restored
 
@@ -333,6 +329,14 @@ def migrate(connection: sqlite3.Connection) -> int:
             raise
         connection.execute("COMMIT")
     return SCHEMA_VERSION
+
+
+def _insert(connection: sqlite3.Connection, **columns) -> int:
+    """One row into predictions, columns named by keyword; returns its id."""
+    names = ", ".join(columns)
+    placeholders = ", ".join("?" * len(columns))
+    return connection.execute(f"INSERT INTO predictions ({names}) VALUES ({placeholders})",
+                              list(columns.values())).lastrowid
 
 
 def _write_file_atomically(path: Path, data: bytes) -> None:

@@ -27,8 +27,7 @@ def delete_record(record_id: int, source: str) -> None:
 
 
 def undo_last() -> None:
-    changed = state.undo.apply(store)
-    state.history_flash = f"Undid the {state.undo.description} ({changed} record{'s' * (changed != 1)})."
+    state.history_flash = state.undo.apply(store)
     state.undo = None
 
 
@@ -58,7 +57,7 @@ if state.undo is not None:
 
 csv_column, zip_column, _ = st.columns([1, 1, 3])
 with csv_column:
-    st.download_button("Download records (CSV)", store.export_csv(), file_name="cifar10_feedback.csv",
+    st.download_button("Download records (CSV)", store.export_csv, file_name="cifar10_feedback.csv",
                        mime="text/csv", on_click="ignore")
 with zip_column:
     st.download_button("Download images (ZIP)", store.export_zip, file_name="cifar10_feedback.zip",
