@@ -233,6 +233,8 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
                     if received > max_bytes:
                         raise FetchError(f"{url!r} sent more than the {max_bytes / 2**20:.0f} MB limit.")
                     chunks.append(chunk)
+    except FetchError:
+        raise
     except InvalidIPAddress as error:
         raise FetchError(
             f"{url!r} points to a private or local address ({error}), which is refused. "
@@ -244,8 +246,6 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
     except requests.ConnectionError as error:
         raise FetchError(f"{url!r} could not be reached: {_reason(error)}.") from error
     except (requests.RequestException, OSError, ValueError) as error:
-        if isinstance(error, FetchError):
-            raise
         raise FetchError(f"{url!r} could not be downloaded: {_reason(error)}.") from error
 
     data = b"".join(chunks)
