@@ -95,25 +95,28 @@ class Classifier:
     def __init__(self, model: nn.Module, version: str, use_bf16: bool | None = None,
                  test_accuracy: float | None = None) -> None:
         self.model = model.eval().to(memory_format=torch.channels_last)
+        self.device = next(model.parameters()).device
         self.version = version
         self.test_accuracy = test_accuracy
-        self.use_bf16 = bf16_supported() if use_bf16 is None else use_bf16
+        if use_bf16 is None:
+            use_bf16 = self.device.type == "cuda" or bf16_supported()
+        self.use_bf16 = use_bf16
         self._lock = threading.Lock()
 
     def probabilities(self, batch: torch.Tensor, tta: bool = True) -> torch.Tensor:
-        """Class probabilities for a uint8 batch, averaged over the image and its mirror when tta is on."""
+        """Class probabilities (on the CPU) for a uint8 batch, averaged over the image and its mirror when tta is on."""
         outputs = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(batch), CHUNK_SIZE):
-                x = normalize(batch[start:start + CHUNK_SIZE])
+                x = normalize(batch[start:start + CHUNK_SIZE].to(self.device))
                 if tta:
                     x = torch.cat([x, x.flip(3)])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                     logits = self.model(x)
                 probs = logits.float().softmax(dim=1)
                 if tta:
                     probs = probs.view(2, -1, len(CLASSES)).mean(dim=0)
-                outputs.append(probs)
+                outputs.append(probs.cpu())
         if not outputs:
             return torch.empty((0, len(CLASSES)))
         return torch.cat(outputs)
