@@ -199,7 +199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--finetune-mix", type=int, default=10, help="CIFAR-10 images per exported image")
     parser.add_argument("--max-drop", type=float, default=0.003, help="largest test-accuracy drop accepted")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: PyTorch sees no CUDA GPU here; use --device cpu")
+    return args
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -391,7 +394,7 @@ def write_model(model: torch.nn.Module, args: argparse.Namespace, data: dict, hi
         "model": "ResNet-18, CIFAR variant (3x3 stride-1 stem, no max-pool), 11.2M parameters",
         **metrics,
         "test_images": len(data["test_y"]),
-        "epochs": args.finetune_epochs if args.finetune else args.epochs,
+        "epochs": len(history),
         "training_seconds": round(elapsed),
         "history": history,
         "hyperparameters": {key: value for key, value in vars(args).items()

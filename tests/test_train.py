@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -85,3 +86,11 @@ def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store
     card = train.finetune(train.parse_args(common + ["--out", str(accepted), "--max-drop", "1"]))
     assert accepted.exists() and card["finetuned_from"].startswith("resnet18_cifar10@") and card["finetune_images"] == 6
     assert load_classifier(accepted).version != load_classifier().version
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_asking_for_a_missing_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
+    assert train.parse_args([]).device == "cpu"
