@@ -53,8 +53,10 @@ def build_model() -> nn.Module:
     return model
 
 
-def bf16_supported() -> bool:
-    """bf16 autocast is only a speed-up on CPUs with native bf16 (AVX512-BF16 or AMX)."""
+def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
+    """bf16 autocast is a speed-up on CUDA GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX), not elsewhere."""
+    if device.type == "cuda":
+        return True
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -98,9 +100,7 @@ class Classifier:
         self.device = next(model.parameters()).device
         self.version = version
         self.test_accuracy = test_accuracy
-        if use_bf16 is None:
-            use_bf16 = self.device.type == "cuda" or bf16_supported()
-        self.use_bf16 = use_bf16
+        self.use_bf16 = bf16_supported(self.device) if use_bf16 is None else use_bf16
         self._lock = threading.Lock()
 
     def probabilities(self, batch: torch.Tensor, tta: bool = True) -> torch.Tensor:

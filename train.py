@@ -211,7 +211,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
     """One pass over shuffled, augmented batches (images, labels and generator on the model's device);
     returns the smoothed loss."""
     device = images.device
-    use_bf16 = device.type == "cuda" or bf16_supported()
+    use_bf16 = bf16_supported(device)
     steps = len(images) // args.batch_size
     order = torch.randperm(len(images), generator=generator, device=device)
     started, running_loss = time.time(), torch.zeros((), device=device)
@@ -280,7 +280,7 @@ def train(args: argparse.Namespace) -> dict:
         generator.set_state(checkpoint["generator"])
         history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"], checkpoint["elapsed"]
         print(f"resumed from {args.checkpoint} after epoch {start_epoch}", flush=True)
-    bf16 = device.type == "cuda" or bf16_supported()
+    bf16 = bf16_supported(device)
     print(f"{args.epochs} epochs, {steps_per_epoch} steps each on {device}, bf16 autocast {'on' if bf16 else 'off'}",
           flush=True)
 
