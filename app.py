@@ -1,97 +1,138 @@
 """CIFAR-10 image classifier: upload photos or paste URLs, confirm or correct each prediction, save.
 
     streamlit run app.py
+
+In order: the web server (`app`: Streamlit plus the streamed export downloads), the main page and its parts,
+and the navigation each browser session runs.
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 import charts
-from classifier import CLASSES, Prediction, load_classifier
-from db import DB_PATH_ENV, DEFAULT_DB_PATH, DEFAULT_IMAGE_DIR, IMAGE_DIR_ENV, NewPrediction, Store, Undo
+from classifier import CLASSES, Classifier, Prediction, load_classifier
+from db import NewPrediction, Store, StoreError, Summary, admin_password_ok, configured_admin_password, open_store
+from display import CARD_SIZE, data_url, encode_image, escape_markdown
 from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
-                    escape_markdown, fetch_image, read_image_input, thumbnail_data_url)
+                    fetch_image, read_image_input)
 
 COLUMNS = 4
+EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
+    "cifar10_feedback.zip": ("application/zip", Store.iter_archive),
+    "cifar10_feedback.csv": ("text/csv", Store.iter_csv),
+}
 
-st.set_page_config(page_title="CIFAR-10 classifier", page_icon=":frame_with_picture:", layout="wide")
 
+# ---------------------------------------------------------------- the server
+
+def export_download(request: Request) -> Response:
+    """A whole-store export streamed as it is made: one image in memory at a time, whatever the store's size."""
+    name = request.path_params["name"]
+    if name not in EXPORTS:
+        return PlainTextResponse(f"No export called {name!r}.", status_code=404)
+    try:
+        store = open_store()
+    except StoreError as error:
+        return PlainTextResponse(str(error), status_code=503)
+    media_type, produce = EXPORTS[name]
+    return StreamingResponse(produce(store), media_type=media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+# `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads.
+app = st.App(__file__, routes=[Route("/export/{name}", export_download)])
+
+
+# ---------------------------------------------------------------- the main page
 
 @st.cache_resource(show_spinner="Loading the model...")
-def get_classifier():
+def get_classifier() -> Classifier:
     return load_classifier()
 
 
-@st.cache_resource
-def get_store(db_path: str, image_dir: str) -> Store:
-    """Once per server process: open (and migrate) the database and remove files left by a killed save."""
-    store = Store(db_path, image_dir)
-    store.remove_orphan_files()
-    return store
+@dataclass(frozen=True)
+class Classified:
+    """One image on the page: what was read, what the model said, and its card picture (encoded once)."""
+
+    image: ImageInput
+    prediction: Prediction
+    card: bytes
 
 
-classifier = get_classifier()
-store = get_store(os.environ.get(DB_PATH_ENV, DEFAULT_DB_PATH), os.environ.get(IMAGE_DIR_ENV, str(DEFAULT_IMAGE_DIR)))
-state = st.session_state
-state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
-state.setdefault("results", {})       # input key -> (ImageInput, Prediction) or an error message
-state.setdefault("corrections", {})   # input key -> the label the person chose
-state.setdefault("flash", None)
-state.setdefault("confirm_clear", False)
-state.setdefault("undo", None)
-state.setdefault("review_view", "Cards")
-state.setdefault("review_threshold", 60)  # percent
+def read_source(name: str, upload) -> tuple[ImageInput, bytes]:
+    image = read_image_input(upload.getvalue() if upload is not None else fetch_image(name), name)
+    return image, encode_image(image.image, CARD_SIZE)
 
 
-def read_source(name: str, upload) -> ImageInput:
-    return read_image_input(upload.getvalue() if upload is not None else fetch_image(name), name)
-
-
-def final_label(key: str, prediction: Prediction) -> str:
-    return state.corrections.get(key, prediction.label)
+def final_label(key: str, item: Classified) -> str:
+    return st.session_state.corrections.get(key, item.prediction.label)
 
 
 def remember_card_choice(key: str, widget_key: str) -> None:
-    state.corrections[key] = state[widget_key]
+    st.session_state.corrections[key] = st.session_state[widget_key]
 
 
 def remember_table_edits(keys: list[str], widget_key: str) -> None:
-    for row, change in state[widget_key]["edited_rows"].items():
+    for row, change in st.session_state[widget_key]["edited_rows"].items():
         if change.get("label") in CLASSES:
-            state.corrections[keys[row]] = change["label"]
+            st.session_state.corrections[keys[row]] = change["label"]
 
 
-def current_items() -> list[tuple[str, ImageInput, Prediction]]:
-    return [(key, *result) for key, result in state.results.items() if not isinstance(result, str)]
+def current_items() -> list[tuple[str, Classified]]:
+    # Errors are the strings; no isinstance(Classified): each rerun of this script defines the class anew.
+    return [(key, result) for key, result in st.session_state.results.items() if not isinstance(result, str)]
 
 
-def save_all() -> None:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def save_all(model_version: str) -> None:
+    state = st.session_state
     predictions = [
-        NewPrediction(
-            content_hash=image.content_hash, data=image.data, extension=image.extension, source=image.source,
-            predicted_label=prediction.label, confidence=prediction.confidence,
-            final_label=final_label(key, prediction), model_version=classifier.version,
-        )
-        for key, image, prediction in current_items()
+        NewPrediction(content_hash=item.image.content_hash, data=item.image.data, extension=item.image.extension,
+                      source=item.image.source, predicted_label=item.prediction.label,
+                      confidence=item.prediction.confidence, final_label=final_label(key, item),
+                      model_version=model_version)
+        for key, item in current_items()
     ]
-    result = store.save_predictions(predictions)
-    note = f" ({result.already_saved} already saved before, not duplicated)" if result.already_saved else ""
-    state.flash = ("success", f"Saved {result.saved} image{'s' * (result.saved != 1)}{note}.")
-    if result.ids:
-        state.undo = Undo(f"save of {result.saved} image{'s' * (result.saved != 1)}", saved_ids=result.ids)
+    try:
+        result = open_store().save_predictions(predictions)
+    except StoreError as error:
+        state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
+                                "again once it is back.")
+        return
+    parts = [f"saved {plural(result.saved, 'image')}"] if result.saved or not result.updated else []
+    if result.updated:
+        parts.append(f"updated the label of {plural(result.updated, 'image')} saved before")
+    if result.unchanged:
+        parts.append(f"{result.unchanged} already saved with that label, not duplicated")
+    message = "; ".join(parts)
+    state.flash = ("success", message[0].upper() + message[1:] + ".")
+    if result.change is not None:
+        state.undo = result.change
 
 
 def undo_last() -> None:
-    state.flash = ("info", state.undo.apply(store))
+    state = st.session_state
+    try:
+        state.flash = ("info", escape_markdown(open_store().undo(state.undo)))  # it names files and URLs
+    except StoreError as error:
+        state.flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
+        return
     state.undo = None
 
 
 def clear_all() -> None:
+    state = st.session_state
     state.nonce += 1
     state.results = {}
     state.corrections = {}
@@ -99,55 +140,88 @@ def clear_all() -> None:
 
 
 def clear_database() -> None:
-    deleted = store.clear()
+    state = st.session_state
     state.confirm_clear = False
+    if not admin_password_ok(state.get("clear_password", "")):
+        state.flash = ("error", "Wrong admin password: nothing was deleted.")
+        return
+    try:
+        deleted = open_store().clear()
+    except StoreError as error:
+        state.flash = ("error", f"The database was not cleared: {escape_markdown(str(error))}")
+        return
     state.undo = None
-    state.flash = ("success", f"Database cleared: {deleted} saved image{'s' * (deleted != 1)} deleted.")
+    state.flash = ("success", f"Database cleared: {plural(deleted, 'saved image')} deleted.")
 
 
-# ---------------------------------------------------------------- sidebar: what has been saved
-with st.sidebar:
+@st.cache_data(max_entries=8, show_spinner=False)
+def sidebar_charts(store_id: str, revision: int, _store: Store) -> tuple[Summary, list[bytes]]:
+    """The saved feedback and its four figures as PNGs, drawn only when the store's revision changes."""
+    summary = _store.summary()
+    if not summary.total:
+        return summary, []
+    figures = [
+        charts.class_distribution_figure(summary.class_counts),
+        charts.accuracy_figure(summary.correct, summary.incorrect),
+        charts.per_class_accuracy_figure(summary.confusion),
+        charts.confusion_matrix_figure(summary.confusion, "Saved feedback: final vs predicted"),
+    ]
+    return summary, [charts.to_png(figure) for figure in figures]
+
+
+def saved_feedback_sidebar() -> None:
+    state = st.session_state
     st.header("Saved feedback")
-    correct, incorrect = store.accuracy_counts()
-    total = correct + incorrect
-    st.metric("Saved images", total)
-    st.metric("Model accuracy", f"{correct / total:.1%}" if total else "n/a",
+    try:
+        store = open_store()
+        summary, pictures = sidebar_charts(store.store_id, store.revision(), store)
+    except StoreError as error:
+        st.error(escape_markdown(str(error)), icon=":material/database:")
+        return
+    st.metric("Saved images", summary.total)
+    st.metric("Model accuracy", f"{summary.correct / summary.total:.1%}" if summary.total else "n/a",
               help="Share of saved images whose prediction was confirmed rather than corrected.")
-    if total:
-        st.pyplot(charts.class_distribution_figure(store.class_counts()))
-        st.pyplot(charts.accuracy_figure(correct, incorrect))
+    if pictures:
+        st.image(pictures[0], width="stretch")
+        st.image(pictures[1], width="stretch")
         with st.expander("Where the model goes wrong"):
-            matrix = store.confusion_counts()
-            st.pyplot(charts.per_class_accuracy_figure(matrix))
-            st.pyplot(charts.confusion_matrix_figure(matrix, "Saved feedback: final vs predicted"))
+            st.image(pictures[2], width="stretch")
+            st.image(pictures[3], width="stretch")
     else:
         st.info("Nothing saved yet. Classify some images and click **Save** to see charts here.")
 
     st.divider()
     if not state.confirm_clear:
-        st.button("Clear database", disabled=not total, on_click=lambda: state.update(confirm_clear=True))
+        st.button("Clear database", disabled=not summary.total, on_click=lambda: state.update(confirm_clear=True))
     else:
-        st.warning(f"Delete all {total} saved images and their records? This cannot be undone and affects everyone.")
+        st.warning(f"Delete all {summary.total} saved images and their records? This cannot be undone and "
+                   "affects everyone using this store.")
+        if configured_admin_password():
+            st.text_input("Admin password", type="password", key="clear_password")
         st.button("Yes, delete everything", type="primary", on_click=clear_database)
         st.button("Cancel", on_click=lambda: state.update(confirm_clear=False))
 
-# ---------------------------------------------------------------- main page: inputs
-st.title("CIFAR-10 image classifier")
-accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
-st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")
 
-uploads = st.file_uploader(
-    "Upload images", type=list(ALLOWED_EXTENSIONS), accept_multiple_files=True,
-    key=f"uploader-{state.nonce}", help=f"JPEG, PNG, GIF or WebP, up to {MAX_FILE_BYTES // 2**20} MB each.")
-url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
-                        placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
+def input_sources() -> list[tuple[str, str, object]]:
+    """The uploader and the URL box; returns (key, name, upload or None) for each input on the page."""
+    nonce = st.session_state.nonce
+    uploads = st.file_uploader(
+        "Upload images", type=list(ALLOWED_EXTENSIONS), accept_multiple_files=True, key=f"uploader-{nonce}",
+        help=f"JPEG, PNG, GIF or WebP, up to {MAX_FILE_BYTES // 2**20} MB each.")
+    url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{nonce}",
+                            placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
+    sources = [(f"file-{upload.file_id}", upload.name, upload) for upload in uploads or []]
+    urls = dict.fromkeys(line.strip() for line in url_text.splitlines())
+    return sources + [(f"url-{url}", url, None) for url in urls if url]
 
-sources = [(f"file-{upload.file_id}", upload.name, upload) for upload in uploads or []]
-sources += [(f"url-{url}", url, None) for url in dict.fromkeys(line.strip() for line in url_text.splitlines()) if url]
-state.results = {key: state.results[key] for key, _, _ in sources if key in state.results}
 
-new_sources = [source for source in sources if source[0] not in state.results]
-if new_sources:
+def read_and_classify(sources: list[tuple[str, str, object]], classifier: Classifier) -> None:
+    """Decode the inputs not seen before on every core, classify them in one batch, keep the results."""
+    state = st.session_state
+    state.results = {key: state.results[key] for key, _, _ in sources if key in state.results}
+    new_sources = [source for source in sources if source[0] not in state.results]
+    if not new_sources:
+        return
     progress = st.progress(0.0, text=f"Reading {len(new_sources)} image(s)...")
     decoded = {}
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
@@ -161,90 +235,144 @@ if new_sources:
     progress.empty()
     if decoded:
         with st.spinner(f"Classifying {len(decoded)} image(s)..."):
-            predictions = classifier.predict([image.image for image in decoded.values()])
-        for (key, image), prediction in zip(decoded.items(), predictions):
-            state.results[key] = (image, prediction)
+            predictions = classifier.predict([image.image for image, _ in decoded.values()])
+        for (key, (image, card)), prediction in zip(decoded.items(), predictions):
+            state.results[key] = Classified(image, prediction, card)
     state.results = {key: state.results[key] for key, _, _ in sources}
 
-if state.flash:
-    kind, message = state.flash
-    getattr(st, kind)(message)
-    state.flash = None
 
-for key, result in state.results.items():
-    if isinstance(result, str):
-        st.error(escape_markdown(result), icon=":material/error:")
+def show_messages() -> None:
+    state = st.session_state
+    if state.flash:  # markdown whose names, URLs and error texts were escaped when it was written
+        kind, message = state.flash
+        getattr(st, kind)(message)
+        state.flash = None
+    for result in state.results.values():
+        if isinstance(result, str):
+            st.error(escape_markdown(result), icon=":material/error:")
 
-# ---------------------------------------------------------------- main page: review
-items = current_items()
-if items:
-    st.subheader(f"{len(items)} image{'s' * (len(items) != 1)} classified")
-    view_column, threshold_column = st.columns([1, 2])
-    # Streamlit forgets a widget's value while it is not drawn (after Clear all): re-seed it from a plain copy.
-    for widget_key, kept_key in (("view_widget", "review_view"), ("threshold_widget", "review_threshold")):
-        if widget_key not in state:
-            state[widget_key] = state[kept_key]
-    with view_column:
-        st.segmented_control("Review as", ["Cards", "Table"], key="view_widget",
-                             help="Cards show each image large; the table corrects many at once.")
-    with threshold_column:
-        st.slider("Flag predictions below this confidence", 0, 100, step=5, format="%d%%", key="threshold_widget")
-    state.review_view = state.view_widget or state.review_view
-    state.review_threshold = state.threshold_widget
-    view, threshold = state.review_view, state.review_threshold / 100
-    items.sort(key=lambda item: item[2].confidence >= threshold)  # flagged first, otherwise in upload order
-    flagged = sum(prediction.confidence < threshold for _, _, prediction in items)
-    st.caption(f"{flagged} flagged as low confidence, listed first. Leave a label to confirm the prediction, "
-               "or pick the right class to correct it.")
-    seen = store.find_saved([image.content_hash for _, image, _ in items])
 
-    if view == "Table":
-        keys = [key for key, _, _ in items]
-        table_key = f"table-{state.nonce}-{hash(tuple(keys))}"
-        table = pd.DataFrame({
-            "image": [thumbnail_data_url(image.image) for _, image, _ in items],
-            "source": [image.source for _, image, _ in items],
-            "prediction": [prediction.label for _, _, prediction in items],
-            "confidence": [prediction.confidence for _, _, prediction in items],
-            "flag": ["low confidence" if prediction.confidence < threshold else "" for _, _, prediction in items],
-            "label": [final_label(key, prediction) for key, _, prediction in items],
-            "already saved": [seen[image.content_hash].final_label if image.content_hash in seen else ""
-                              for _, image, _ in items],
-        })
-        st.data_editor(
-            table, key=table_key, hide_index=True, width="stretch",
-            disabled=[column for column in table.columns if column != "label"],
-            column_config={
-                "image": st.column_config.ImageColumn("image", width="small"),
-                "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1),
-                "label": st.column_config.SelectboxColumn("label", options=CLASSES, required=True,
-                                                          help="Change to correct the prediction."),
-            },
-            on_change=remember_table_edits, args=(keys, table_key),
-        )
-    else:
-        for row_start in range(0, len(items), COLUMNS):
-            for column, (key, image, prediction) in zip(st.columns(COLUMNS), items[row_start:row_start + COLUMNS]):
-                with column:
-                    st.image(image.image, width=220)
-                    st.caption(escape_markdown(image.source))
-                    flag = " :orange-badge[low confidence]" if prediction.confidence < threshold else ""
-                    st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{flag}")
-                    st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
-                    widget_key = f"label-{state.nonce}-{key}"
-                    st.selectbox("Label", CLASSES, index=CLASSES.index(final_label(key, prediction)), key=widget_key,
-                                 on_change=remember_card_choice, args=(key, widget_key))
-                    if image.content_hash in seen:
-                        record = seen[image.content_hash]
-                        st.caption(f"Already saved {record.created_at[:16].replace('T', ' ')} UTC "
-                                   f"as **{record.final_label}**.")
+@st.fragment
+def review(model_version: str) -> None:
+    """The classified images, their labels and the actions on them. A label change reruns only this part."""
+    state = st.session_state
+    items = current_items()
+    if items:
+        st.subheader(f"{plural(len(items), 'image')} classified")
+        view_column, threshold_column = st.columns([1, 2])
+        # Streamlit forgets a widget's value while it is not drawn (after Clear all): re-seed it from a plain copy.
+        for widget_key, kept_key in (("view_widget", "review_view"), ("threshold_widget", "review_threshold")):
+            if widget_key not in state:
+                state[widget_key] = state[kept_key]
+        with view_column:
+            st.segmented_control("Review as", ["Cards", "Table"], key="view_widget",
+                                 help="Cards show each image large; the table corrects many at once.")
+        with threshold_column:
+            st.slider("Flag predictions below this confidence", 0, 100, step=5, format="%d%%", key="threshold_widget")
+        state.review_view = state.view_widget or state.review_view
+        state.review_threshold = state.threshold_widget
+        threshold = state.review_threshold / 100
+        items.sort(key=lambda pair: pair[1].prediction.confidence >= threshold)  # flagged first, else upload order
+        flagged = sum(item.prediction.confidence < threshold for _, item in items)
+        st.caption(f"{flagged} flagged as low confidence, listed first. Leave a label to confirm the prediction, "
+                   "or pick the right class to correct it.")
+        try:
+            seen = open_store().find_saved([item.image.content_hash for _, item in items])
+        except StoreError:
+            seen = {}  # the sidebar says what is wrong with the store
+        if state.review_view == "Table":
+            review_table(items, threshold, seen)
+        else:
+            review_cards(items, threshold, seen)
 
-save_column, undo_column, clear_column, _ = st.columns([1, 1, 1, 3])
-with save_column:
-    st.button(f"Save {len(items)} image{'s' * (len(items) != 1)}", type="primary", disabled=not items,
-              on_click=save_all)
-with undo_column:
-    if state.undo is not None:
-        st.button("Undo last change", on_click=undo_last, help=f"Take back the {state.undo.description}.")
-with clear_column:
-    st.button("Clear all", on_click=clear_all, help="Empty the page. Saved images stay in the database.")
+    # Each action changes more than this fragment (the sidebar, the inputs): it reruns the whole page.
+    with st.container(horizontal=True):
+        if st.button(f"Save {plural(len(items), 'image')}", type="primary", disabled=not items):
+            save_all(model_version)
+            st.rerun()
+        if state.undo is not None and st.button("Undo last change",
+                                                help=f"Take back the {escape_markdown(state.undo.description)}."):
+            undo_last()
+            st.rerun()
+        if st.button("Clear all", help="Empty the page. Saved images stay in the database."):
+            clear_all()
+            st.rerun()
+
+
+def review_table(items: list[tuple[str, Classified]], threshold: float, seen: dict) -> None:
+    keys = [key for key, _ in items]
+    table_key = f"table-{st.session_state.nonce}-{hash(tuple(keys))}"
+    table = pd.DataFrame({
+        "image": [data_url(item.card) for _, item in items],
+        "source": [item.image.source for _, item in items],
+        "prediction": [item.prediction.label for _, item in items],
+        "confidence": [item.prediction.confidence for _, item in items],
+        "flag": ["low confidence" if item.prediction.confidence < threshold else "" for _, item in items],
+        "label": [final_label(key, item) for key, item in items],
+        "already saved": [seen[item.image.content_hash].final_label if item.image.content_hash in seen else ""
+                          for _, item in items],
+    })
+    st.data_editor(
+        table, key=table_key, hide_index=True, width="stretch",
+        disabled=[column for column in table.columns if column != "label"],
+        column_config={
+            "image": st.column_config.ImageColumn("image", width="small"),
+            "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1),
+            "label": st.column_config.SelectboxColumn("label", options=CLASSES, required=True,
+                                                      help="Change to correct the prediction."),
+        },
+        on_change=remember_table_edits, args=(keys, table_key),
+    )
+
+
+def review_cards(items: list[tuple[str, Classified]], threshold: float, seen: dict) -> None:
+    nonce = st.session_state.nonce
+    for row_start in range(0, len(items), COLUMNS):
+        for column, (key, item) in zip(st.columns(COLUMNS), items[row_start:row_start + COLUMNS]):
+            prediction = item.prediction
+            with column:
+                st.image(item.card, width=CARD_SIZE)
+                st.caption(escape_markdown(item.image.source))
+                flag = " :orange-badge[low confidence]" if prediction.confidence < threshold else ""
+                st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{flag}")
+                st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
+                widget_key = f"label-{nonce}-{key}"
+                st.selectbox("Label", CLASSES, index=CLASSES.index(final_label(key, item)), key=widget_key,
+                             on_change=remember_card_choice, args=(key, widget_key))
+                if item.image.content_hash in seen:
+                    record = seen[item.image.content_hash]
+                    st.caption(f"Already saved {record.created_at[:16].replace('T', ' ')} UTC "
+                               f"as **{record.final_label}**.")
+
+
+def classify_page() -> None:
+    """The main page, top to bottom."""
+    state = st.session_state
+    state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
+    state.setdefault("results", {})       # input key -> Classified, or an error message
+    state.setdefault("corrections", {})   # input key -> the label the person chose
+    state.setdefault("flash", None)
+    state.setdefault("confirm_clear", False)
+    state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
+    state.setdefault("review_view", "Cards")
+    state.setdefault("review_threshold", 60)  # percent
+
+    with st.sidebar:
+        saved_feedback_sidebar()
+    classifier = get_classifier()
+    st.title("CIFAR-10 image classifier")
+    accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
+    st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")
+    read_and_classify(input_sources(), classifier)
+    show_messages()
+    review(classifier.version)
+
+
+# ---------------------------------------------------------------- navigation (each browser session)
+
+if __name__ == "__main__":
+    st.set_page_config(page_title="CIFAR-10 classifier", page_icon=":frame_with_picture:", layout="wide")
+    st.navigation([
+        st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
+        st.Page("pages/1_History.py", title="History", icon=":material/history:"),
+    ]).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Mapping, Sequence
 
 from matplotlib.figure import Figure
@@ -80,3 +81,10 @@ def per_class_accuracy_figure(matrix: Sequence[Sequence[int]]) -> Figure:
     axes.set_title("Accuracy per class (saved feedback)", fontsize=10)
     axes.tick_params(labelsize=8)
     return figure
+
+
+def to_png(figure: Figure, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes: drawn once, then cached and sent as is."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

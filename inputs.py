@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import os
@@ -264,18 +263,3 @@ def _reason(error: Exception) -> str:
         error = error.__context__
     text = str(error) or error.__class__.__name__
     return text if len(text) < 200 else text[:200] + "..."
-
-
-def escape_markdown(text: str) -> str:
-    """User-supplied names are shown as literal text: no links, emphasis or HTML from a crafted file name."""
-    special = "\\`*_{}[]<>#+-!|~$:"
-    return "".join("\\" + ch if ch in special else ch for ch in text.replace("\x00", "\ufffd"))
-
-
-def thumbnail_data_url(image: Image.Image, size: int = 64) -> str:
-    """A small PNG as a data: URL, for table cells that take an image address."""
-    thumbnail = image.copy()
-    thumbnail.thumbnail((size, size))
-    buffer = io.BytesIO()
-    thumbnail.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -1,39 +1,77 @@
-"""History: browse, filter, delete and export what has been saved."""
+"""History: page through, filter, delete and export everything saved."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 
 import streamlit as st
 
 from classifier import CLASSES
-from db import Store, Undo
-from inputs import escape_markdown
+from db import RecordFilter, SavedPrediction, Store, StoreError, admin_password_ok, configured_admin_password, open_store
+from display import THUMBNAIL_SIZE, encode_image, escape_markdown
+from inputs import InvalidImageError, load_image
 
 PAGE_SIZE = 50
 
-st.set_page_config(page_title="History - CIFAR-10 classifier", page_icon=":card_file_box:", layout="wide")
-store = Store.from_env()
 state = st.session_state
 state.setdefault("undo", None)
 state.setdefault("history_flash", None)
+state.setdefault("history_page", 1)
 
 
-def delete_record(record_id: int, source: str) -> None:
-    deleted = store.delete_predictions([record_id])
-    if deleted:
-        state.undo = Undo(f"delete of {source}", deleted=tuple(deleted))
-        state.history_flash = f"Deleted {source}."
+@st.cache_data(max_entries=2000, show_spinner=False)
+def thumbnail(content_hash: str, _store: Store, _record: SavedPrediction) -> bytes | None:
+    """A small JPEG of a saved image, made once per picture (named by its hash) and reused on every page."""
+    try:
+        return encode_image(load_image(_store.image_bytes(_record), _record.source), THUMBNAIL_SIZE)
+    except (StoreError, InvalidImageError):
+        return None
 
 
-def undo_last() -> None:
-    state.history_flash = state.undo.apply(store)
+def delete_record(store: Store, record_id: int) -> None:
+    if not admin_password_ok(state.get("history_password", "")):
+        state.history_flash = ("error", "Wrong admin password: nothing was deleted.")
+        return
+    try:
+        change = store.delete_predictions([record_id])
+    except StoreError as error:
+        state.history_flash = ("error", f"Nothing was deleted: {escape_markdown(str(error))}")
+        return
+    if change is None:
+        state.history_flash = ("info", "That record was already deleted.")
+        return
+    state.undo = change
+    state.history_flash = ("success", f"Deleted {escape_markdown(change.deleted[0].record.source)}.")
+
+
+def undo_last(store: Store) -> None:
+    try:
+        state.history_flash = ("info", escape_markdown(store.undo(state.undo)))  # it names files and URLs
+    except StoreError as error:
+        state.history_flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
+        return
     state.undo = None
 
 
+def turn_page(step: int) -> None:
+    state.history_page += step
+
+
 st.title("History")
-everything = store.list_predictions()
-if not everything:
+try:
+    store = open_store()
+    first_and_last = store.date_range()
+except StoreError as error:
+    st.error(escape_markdown(str(error)), icon=":material/database:")
+    st.stop()
+if state.history_flash:  # markdown, its names and error texts escaped when it was written
+    kind, message = state.history_flash
+    getattr(st, kind)(message)
+    state.history_flash = None
+if state.undo is not None:
+    st.button(f"Undo the last {escape_markdown(state.undo.description)}", on_click=undo_last, args=(store,))
+if first_and_last is None:
     st.info("Nothing saved yet. Classify images on the main page and click **Save**.")
     st.stop()
 
@@ -43,39 +81,42 @@ with labels_column:
 with corrected_column:
     corrected_only = st.toggle("Corrected only", help="Only images whose prediction was corrected.")
 with dates_column:
-    first_day = datetime.fromisoformat(everything[-1].created_at).date()
-    today = datetime.now(timezone.utc).date()
+    first_day = first_and_last[0]
+    today = max(datetime.now(timezone.utc).date(), first_and_last[1])
     days = st.date_input("Saved between (UTC)", (first_day, today), min_value=first_day, max_value=today)
 since, until = (days[0], days[-1]) if days else (None, None)
-records = store.list_predictions(labels=labels, corrected_only=corrected_only, since=since, until=until)
+record_filter = RecordFilter(tuple(labels), corrected_only, since, until)
+if state.get("history_filter") != record_filter:  # a new filter starts at its first page
+    state.history_filter, state.history_page = record_filter, 1
 
-if state.history_flash:
-    st.success(escape_markdown(state.history_flash))
-    state.history_flash = None
-if state.undo is not None:
-    st.button(f"Undo the last {escape_markdown(state.undo.description)}", on_click=undo_last)
+# Plain links to the server's streamed exports (app.py): a download of any size, never held in memory.
+with st.container(horizontal=True):
+    st.link_button("Download records (CSV)", "/export/cifar10_feedback.csv", icon=":material/download:")
+    st.link_button("Download images (ZIP)", "/export/cifar10_feedback.zip", icon=":material/download:",
+                   help="ImageFolder layout by final label (airplane/..., automobile/...) with a labels.csv manifest.")
+if configured_admin_password():
+    st.text_input("Admin password", type="password", key="history_password", help="Needed to delete records.")
 
-csv_column, zip_column, _ = st.columns([1, 1, 3])
-with csv_column:
-    st.download_button("Download records (CSV)", store.export_csv, file_name="cifar10_feedback.csv",
-                       mime="text/csv", on_click="ignore")
-with zip_column:
-    st.download_button("Download images (ZIP)", store.export_zip, file_name="cifar10_feedback.zip",
-                       mime="application/zip", on_click="ignore",
-                       help="ImageFolder layout by final label (airplane/..., automobile/...) with a labels.csv manifest.")
+matching, total = store.count(record_filter), store.count()
+pages = max(1, math.ceil(matching / PAGE_SIZE))
+page = state.history_page = min(max(1, state.history_page), pages)
+st.caption(f"{matching} of {total} saved images match. Page {page} of {pages}, newest first.")
+with st.container(horizontal=True):
+    st.button("Previous page", disabled=page == 1, on_click=turn_page, args=(-1,))
+    st.button("Next page", disabled=page == pages, on_click=turn_page, args=(1,))
 
-st.caption(f"{len(records)} of {len(everything)} saved images match." +
-           (f" Showing the newest {PAGE_SIZE}." if len(records) > PAGE_SIZE else ""))
-for record in records[:PAGE_SIZE]:
+for record in store.list_predictions(record_filter, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE):
     image_column, details_column, action_column = st.columns([1, 5, 1])
-    path = store.image_path(record.image_file)
     with image_column:
-        if path.exists():
-            st.image(str(path), width=96)
+        picture = thumbnail(record.content_hash, store, record)
+        if picture is not None:
+            st.image(picture, width=THUMBNAIL_SIZE)
+        else:
+            st.caption("image unavailable")
     with details_column:
         verdict = "confirmed" if record.is_correct else f"corrected from **{record.predicted_label}**"
         st.markdown(f"**{record.final_label}** · {verdict} · {record.confidence:.1%} confidence")
         st.caption(f"{escape_markdown(record.source)} · {record.created_at.replace('T', ' ')[:16]} UTC · "
                    f"model `{record.model_version}`")
     with action_column:
-        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(record.id, record.source))
+        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(store, record.id))

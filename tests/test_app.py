@@ -105,6 +105,26 @@ def test_saving_twice_does_not_duplicate(store_env):
     assert len(rows(db_path)) == 2
 
 
+def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_label(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
+    predicted = app.selectbox[0].value
+    click(app, "Save")
+    corrected = "truck" if predicted != "truck" else "ship"
+    app.selectbox[0].set_value(corrected)
+    app.run()
+    click(app, "Save")
+    message = unescape(app.success[0].value)
+    assert "Updated the label of 1 image saved before" in message and "1 already saved" in message
+    assert [(source, final) for source, _, final, _, _ in rows(db_path)][1] == ("red.png", corrected)
+    assert sidebar_metrics(app)["Model accuracy"] == "50.0%"
+    click(app, "Undo last change")
+    assert "given back its old label" in unescape(app.info[0].value)
+    assert [(source, final) for source, _, final, _, _ in rows(db_path)] == [("blue.jpg", app.selectbox[1].value),
+                                                                          ("red.png", predicted)]
+
+
 def test_an_image_already_saved_says_so(store_env):
     app = start_app()
     upload(app, [("red.png", RED, "image/png")])
@@ -129,6 +149,22 @@ def test_clear_database_asks_first(store_env):
     assert rows(db_path) == [] and list(image_dir.iterdir()) == []
     assert "Database cleared: 1 saved image deleted" in app.success[0].value
     assert sidebar_metrics(app)["Saved images"] == "0"
+
+
+def test_clear_database_needs_the_admin_password_when_one_is_set(store_env, monkeypatch):
+    db_path, _ = store_env
+    monkeypatch.setenv("CIFAR10_ADMIN_PASSWORD", "team-s3cret")
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png")])
+    click(app, "Save")
+    click(app, "Clear database")
+    app.sidebar.text_input[0].input("guess")
+    click(app, "Yes, delete everything")
+    assert "Wrong admin password" in app.error[0].value and len(rows(db_path)) == 1
+    click(app, "Clear database")
+    app.sidebar.text_input[0].input("team-s3cret")
+    click(app, "Yes, delete everything")
+    assert rows(db_path) == [] and "Database cleared" in app.success[0].value
 
 
 def test_clear_all_empties_the_page_and_keeps_the_database(store_env):
@@ -207,7 +243,7 @@ def test_undo_the_last_save(store_env):
     assert len(rows(db_path)) == 3
     click(app, "Undo last change")
     assert rows(db_path) == [] and list(image_dir.iterdir()) == []
-    assert "Undid the save of 3 images" in app.info[0].value
+    assert "Undid the save of 3 images: 3 removed" in unescape(app.info[0].value)
     assert not [b for b in app.button if b.label.startswith("Undo")]
 
 
@@ -250,7 +286,7 @@ def test_history_lists_filters_deletes_and_undoes(store_env):
     db_path, image_dir = store_env
     save_three(store_env)
     history = start_history()
-    assert "3 of 3 saved images match" in history.caption[0].value
+    assert "3 of 3 saved images match" in history.caption[0].value and len(history.get("image")) == 3
     history.toggle[0].set_value(True)
     history.run()
     assert "1 of 3 saved images match" in history.caption[0].value
@@ -274,13 +310,58 @@ def test_history_lists_filters_deletes_and_undoes(store_env):
     assert len(rows(db_path)) == 3 and len(list(image_dir.iterdir())) == 3
 
 
-def test_history_offers_both_downloads_and_an_empty_state(store_env):
+def test_history_links_both_streamed_downloads_and_has_an_empty_state(store_env):
     history = start_history()
     assert "Nothing saved yet" in history.info[0].value
     save_three(store_env)
     history = start_history()
-    labels = [button.label for button in history.get("download_button")]
-    assert labels == ["Download records (CSV)", "Download images (ZIP)"]
+    links = {button.proto.label: button.proto.url for button in history.get("link_button")}
+    assert links == {"Download records (CSV)": "/export/cifar10_feedback.csv",
+                     "Download images (ZIP)": "/export/cifar10_feedback.zip"}
+
+
+def test_history_pages_through_every_record(store_env):
+    import hashlib
+
+    from db import NewPrediction, Store
+
+    store = Store.from_env()
+    for start in range(0, 120, 40):
+        store.save_predictions([NewPrediction(hashlib.sha256(str(i).encode()).hexdigest(), str(i).encode(), "png",
+                                              f"record-{i:03d}.png", "cat", 0.5, "cat", "t")
+                                for i in range(start, start + 40)])
+    history = start_history()
+    assert "120 of 120 saved images match. Page 1 of 3" in history.caption[0].value
+
+    def shown() -> list[str]:
+        return [unescape(c.value).split(" · ")[0] for c in history.caption if c.value.startswith("record")]
+
+    first = shown()
+    assert len(first) == 50
+    [next_page] = [b for b in history.button if b.label == "Next page"]
+    next_page.click()
+    history.run()
+    second = shown()
+    assert "Page 2 of 3" in history.caption[0].value and len(second) == 50 and not set(first) & set(second)
+    [b for b in history.button if b.label == "Next page"][0].click()
+    history.run()
+    assert len(shown()) == 20 and [b for b in history.button if b.label == "Next page"][0].disabled
+    assert len(set(first) | set(second) | set(shown())) == 120
+
+
+def test_history_delete_needs_the_admin_password_when_one_is_set(store_env, monkeypatch):
+    db_path, _ = store_env
+    save_three(store_env)
+    monkeypatch.setenv("CIFAR10_ADMIN_PASSWORD", "team-s3cret")
+    history = start_history()
+    delete_keys = [b.key for b in history.button if b.key and b.key.startswith("delete-")]
+    history.button(key=delete_keys[0]).click()
+    history.run()
+    assert "Wrong admin password" in history.error[0].value and len(rows(db_path)) == 3
+    history.text_input[0].input("team-s3cret")
+    history.button(key=delete_keys[0]).click()
+    history.run()
+    assert len(rows(db_path)) == 2 and history.success
 
 
 def test_a_batch_of_bad_files_reports_each_and_saves_only_the_good_one(store_env):
@@ -313,3 +394,55 @@ def test_upload_limit_in_config_matches_the_server_check():
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] * 2**20 == inputs.MAX_FILE_BYTES
+
+
+def test_a_database_that_is_down_keeps_the_page_working_and_save_retries_once_it_is_back(monkeypatch, s3_server):
+    """The page says which store failed and what to check; nothing is saved; the labels stay on the page, and
+    the same Save works once the database is back."""
+    from conftest import STORE_VARIABLES
+    from servers import PostgresServer
+
+    postgres = PostgresServer()
+    try:
+        for variable in STORE_VARIABLES:
+            monkeypatch.delenv(variable, raising=False)
+        url = postgres.database("app_down")
+        for variable, value in {"CIFAR10_DATABASE_URL": url, "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-down",
+                                **s3_server.env()}.items():
+            monkeypatch.setenv(variable, value)
+        postgres.stop()
+        app = start_app()
+        sidebar_error = app.sidebar.error[0].value
+        assert "PostgreSQL database at 127.0.0.1" in unescape(sidebar_error) and "CIFAR10\\_DATABASE\\_URL" in sidebar_error
+        upload(app, [("red.png", RED, "image/png")])
+        corrected = "ship" if app.selectbox[0].value != "ship" else "frog"
+        app.selectbox[0].set_value(corrected)
+        app.run()
+        click(app, "Save 1 image")
+        assert "Nothing was saved" in app.error[0].value and "press Save again" in app.error[0].value
+        assert app.selectbox[0].value == corrected
+        postgres.start()
+        click(app, "Save 1 image")
+        assert "Saved 1 image" in app.success[0].value and sidebar_metrics(app)["Saved images"] == "1"
+        import psycopg
+
+        with psycopg.connect(url) as connection:
+            assert connection.execute("SELECT source, final_label FROM predictions").fetchall() == [("red.png", corrected)]
+    finally:
+        postgres.close()
+
+
+def test_wrong_object_store_credentials_are_named_on_the_page(monkeypatch, postgres_server, s3_server):
+    from conftest import STORE_VARIABLES
+
+    for variable in STORE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in {"CIFAR10_DATABASE_URL": postgres_server.database("app_creds"),
+                            "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-creds",
+                            **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}.items():
+        monkeypatch.setenv(variable, value)
+    app = start_app()
+    message = unescape(app.sidebar.error[0].value)
+    assert "object store s3://cifar10-tests/app-creds" in message and "AWS_SECRET_ACCESS_KEY" in message
+    upload(app, [("red.png", RED, "image/png")])
+    assert len(app.selectbox) == 1  # classifying needs no store

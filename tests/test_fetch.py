@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import inputs
-from conftest import ROOT, Route, image_bytes
+from conftest import ROOT, Route, cannot_run, image_bytes
 from inputs import FetchError, fetch_image
 
 PNG = image_bytes("PNG", size=(64, 64))
@@ -224,10 +224,10 @@ print(json.dumps(results))
 
 def test_private_link_local_and_metadata_addresses_are_refused_in_a_private_namespace(tmp_path):
     if not shutil.which("unshare") or not shutil.which("ip"):
-        pytest.skip("needs unshare and ip (util-linux, iproute2) to build a private network namespace")
+        cannot_run("needs unshare and ip (util-linux, iproute2) to build a private network namespace")
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
+        cannot_run(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
     env = {key: value for key, value in os.environ.items() if key != "CIFAR10_ALLOW_PRIVATE_URLS"}
     run = subprocess.run(["unshare", "-n", sys.executable, "-c", NAMESPACE_SCRIPT, PNG.hex(), str(ROOT)],
                          capture_output=True, text=True, timeout=120, env=env)

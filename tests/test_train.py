@@ -67,12 +67,12 @@ def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store
     import hashlib
 
     make_image_folder(tmp_path / "data", per_class=2)
-    store = Store(*store_env)
+    store = Store.from_env()
     exported = [image_bytes("PNG", size=(40, 40), color=(30 * i, 200 - 15 * i, 90)) for i in range(6)]
     store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", f"{i}.png", "cat", 0.4,
                                           CLASSES[i], "test") for i, data in enumerate(exported)])
     export = tmp_path / "export.zip"
-    export.write_bytes(store.export_zip())
+    export.write_bytes(b"".join(store.iter_archive()))
     x, y = train.load_export(export)
     assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == list(range(6))
 
