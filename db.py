@@ -104,6 +104,8 @@ MIGRATIONS = (
     INSERT INTO store_meta (id, store_id, revision, last_id) SELECT 1, '', 0, COALESCE(MAX(id), 0) FROM predictions;
     ALTER TABLE predictions ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX predictions_created_at ON predictions (created_at, id);
+    DROP INDEX predictions_final_label;
+    CREATE INDEX predictions_labels ON predictions (final_label, predicted_label, is_correct);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -707,7 +709,7 @@ class Store:
                          offset: int = 0) -> list[SavedPrediction]:
         """Saved records, newest first, one page of them when limit is given."""
         where, parameters = _where(record_filter)
-        page = "" if limit is None else f" LIMIT {int(limit)} OFFSET {int(offset)}"
+        page = "" if limit is None else f" LIMIT {max(0, int(limit))} OFFSET {max(0, int(offset))}"
         with self.database.transaction(write=False) as cursor:
             rows = cursor.rows(f"SELECT {', '.join(COLUMNS)} FROM predictions{where} "
                                f"ORDER BY created_at DESC, id DESC{page}", parameters)
@@ -716,7 +718,9 @@ class Store:
     def date_range(self) -> tuple[date, date] | None:
         """The UTC days of the first and the last saved record, or None when nothing is saved."""
         with self.database.transaction(write=False) as cursor:
-            row = cursor.one("SELECT MIN(created_at) AS first, MAX(created_at) AS last FROM predictions")
+            # Two subqueries, so that each reads one end of the created_at index instead of every row.
+            row = cursor.one("SELECT (SELECT MIN(created_at) FROM predictions) AS first, "
+                             "(SELECT MAX(created_at) FROM predictions) AS last")
         if row["first"] is None:
             return None
         return datetime.fromisoformat(row["first"]).date(), datetime.fromisoformat(row["last"]).date()
