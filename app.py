@@ -131,6 +131,12 @@ def undo_last() -> None:
     state.undo = None
 
 
+def forget_results(keys: list[str]) -> None:
+    """Dropped results are read again on this rerun, as if just added."""
+    for key in keys:
+        st.session_state.results.pop(key, None)
+
+
 def clear_all() -> None:
     state = st.session_state
     state.nonce += 1
@@ -250,6 +256,9 @@ def show_messages() -> None:
     for result in state.results.values():
         if isinstance(result, str):
             st.error(escape_markdown(result), icon=":material/error:")
+    failed_urls = [key for key, result in state.results.items() if isinstance(result, str) and key.startswith("url-")]
+    if failed_urls:  # a server that was down, slow or wrong a moment ago may answer now
+        st.button(f"Retry {plural(len(failed_urls), 'failed URL')}", on_click=forget_results, args=(failed_urls,))
 
 
 @st.fragment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -9,7 +10,9 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,6 +27,11 @@ MAX_PIXELS = 64_000_000
 DISPLAY_SIZE = (512, 512)
 # Large JPEGs are decoded straight at 1/2, 1/4 or 1/8 scale, never below this, instead of in full.
 DRAFT_SIZE = (256, 256)
+# Other formats decode in full; above this size they decode one at a time (see _decode).
+LARGE_DECODE_PIXELS = 16_000_000
+_LARGE_DECODE = threading.Lock()
+# Modes Pillow resizes correctly as they are (alpha premultiplied), so a big picture can shrink before conversion.
+SHRINK_FIRST_MODES = ("RGB", "RGBA", "L", "LA")
 
 # Pillow releases the GIL while decoding, so a batch decodes on every core.
 DECODE_THREADS = max(2, os.cpu_count() or 1)
@@ -32,6 +40,7 @@ URL_CONNECT_TIMEOUT = 5.0
 URL_TOTAL_TIMEOUT = 20.0
 URL_MAX_REDIRECTS = 5
 ALLOW_PRIVATE_URLS_ENV = "CIFAR10_ALLOW_PRIVATE_URLS"
+_FETCHERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
 
 # Signatures of common files that are not accepted images, to say what a rejected file really is.
 _KNOWN_SIGNATURES = (
@@ -56,6 +65,19 @@ class InvalidImageError(ValueError):
 
 class FetchError(ValueError):
     """A URL could not be fetched as an image; the message names the URL and the problem."""
+
+
+def _accepted_format_by_signature(data: bytes) -> str | None:
+    """Which accepted format the first bytes announce, so a damaged one is called that, not 'not an image'."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
 
 
 def _describe_content(data: bytes) -> str | None:
@@ -134,6 +156,10 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         raise InvalidImageError(
             f"{label} declares too many pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels ({error}).") from error
     except Exception as error:
+        claimed = _accepted_format_by_signature(data)
+        if claimed is not None:
+            raise InvalidImageError(f"{label} starts like a {claimed} file but its header is damaged ({error}).") \
+                from error
         what = _describe_content(data)
         if what is not None:
             raise InvalidImageError(f"{label} is {what}, not an accepted image ({allowed}).") from error
@@ -142,22 +168,47 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
     if width * height > MAX_PIXELS or width < 1 or height < 1:
         raise InvalidImageError(
             f"{label} declares {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels.")
+    # Only JPEG decodes at reduced scale; any other big picture decodes whole (up to 256 MB at 64 MP), so those
+    # take turns: whatever the batch and the threads, one full-size decode is in memory at a time.
+    whole = image.format != "JPEG" and width * height > LARGE_DECODE_PIXELS
     try:
-        if image.format == "JPEG":
-            image.draft(image.mode, DRAFT_SIZE)
-        image.seek(0)
-        image.load()
-        image_format = image.format
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
-        image = _to_rgb(image)
-        # A box reduce by whole factors down to 1.5x the display size, then Lanczos: half the time of Lanczos
-        # alone on a 1600x1200 PNG, with no visible difference at display size.
-        image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=1.5)
+        with _LARGE_DECODE if whole else contextlib.nullcontext():
+            if image.format == "JPEG":
+                image.draft(image.mode, DRAFT_SIZE)
+            image.seek(0)
+            image.load()
+            image_format = image.format
+            if whole and image.mode in SHRINK_FIRST_MODES:
+                image = _reduce_in_bands(image, int(max(width / DISPLAY_SIZE[0], height / DISPLAY_SIZE[1]) / 1.5))
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+            if image.mode in SHRINK_FIRST_MODES:  # shrink before flattening: no full-size RGB or RGBA copy
+                _shrink(image)
+            image = _to_rgb(image)
+            _shrink(image)
         return image, image_format
     except Exception as error:
         if isinstance(error, OSError) and "truncated" in str(error):
             raise InvalidImageError(f"{label} is truncated: the {image.format} data ends early.") from error
         raise InvalidImageError(f"{label} is a damaged {image.format} file that cannot be decoded ({error}).") from error
+
+
+def _reduce_in_bands(image: Image.Image, factor: int) -> Image.Image:
+    """image.reduce(factor), a band of rows at a time: on RGBA, Pillow's own resize and reduce first make a
+    premultiplied copy of the whole picture (another 256 MB at 64 MP); a band's copy is a few MB."""
+    if factor < 2:
+        return image
+    width, height = image.size
+    rows = factor * max(1, (8 << 20) // (width * 4 * factor))
+    reduced = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        reduced.paste(image.crop((0, top, width, min(height, top + rows))).reduce(factor), (0, top // factor))
+    return reduced
+
+
+def _shrink(image: Image.Image) -> None:
+    """A box reduce by whole factors down to 1.5x the display size, then Lanczos: half the time of Lanczos
+    alone on a 1600x1200 PNG, with no visible difference at display size."""
+    image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=1.5)
 
 
 def private_url_policy() -> str:
@@ -191,57 +242,73 @@ def _session(policy: str):
 
 
 def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = URL_TOTAL_TIMEOUT) -> bytes:
-    """Download an image from an http(s) URL with a size cap and a total deadline, or raise FetchError."""
-    import requests
-    from requests_hardened.ip_filter import InvalidIPAddress
+    """Download the body of an http(s) URL, or raise FetchError: at most max_bytes (counted as they arrive,
+    whatever Content-Length says), and one deadline for everything (resolving, connecting, each redirect hop,
+    the headers, the body). The caller decodes the bytes, once (read_image_input)."""
+    url = _checked_url(url)
+    deadline = time.monotonic() + deadline_s
+    session = _session(private_url_policy())
+    # The download runs in a worker so that even a name lookup, which takes no timeout, cannot outlast the
+    # deadline; each hop's own timeouts are what is left of it, so the worker ends soon after as well.
+    future = _FETCHERS.submit(_download, session, url, max_bytes, deadline)
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        raise FetchError(f"{url!r} took longer than {deadline_s:.0f} s in all (connecting, redirects and "
+                         "download).") from None
+    finally:
+        session.close()
 
+
+def _checked_url(url: str) -> str:
     url = url.strip()
     try:
         parts = urlsplit(url)
+        parts.port
     except ValueError as error:
         raise FetchError(f"{url!r} is not a valid URL ({error}).") from error
     if parts.scheme.lower() not in ("http", "https"):
         scheme = f"'{parts.scheme}:'" if parts.scheme else "no scheme"
         raise FetchError(f"{url!r} has {scheme}; only http:// and https:// URLs are accepted.")
-    try:
-        host = parts.hostname
-        parts.port
-    except ValueError as error:
-        raise FetchError(f"{url!r} is not a valid URL ({error}).") from error
-    if not host:
+    if not parts.hostname:
         raise FetchError(f"{url!r} is not a valid URL: it has no host name.")
+    return url
 
-    started = time.monotonic()
-    chunks: list[bytes] = []
-    received = 0
+
+def _download(session, url: str, max_bytes: int, deadline: float) -> bytes:
+    """Follow at most URL_MAX_REDIRECTS redirects by hand, each hop checked and given only the time left."""
+    import requests
+    from requests_hardened.ip_filter import InvalidIPAddress
+
+    current = url
     try:
-        with _session(private_url_policy()) as session:
-            timeout = (URL_CONNECT_TIMEOUT, min(URL_CONNECT_TIMEOUT, deadline_s))
-            with session.get(url, stream=True, timeout=timeout) as response:
+        for _ in range(URL_MAX_REDIRECTS + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise requests.Timeout("no time left")
+            with session.get(current, stream=True, allow_redirects=False,
+                             timeout=(min(URL_CONNECT_TIMEOUT, left), left)) as response:
+                if response.is_redirect:
+                    target = urljoin(current, response.headers["Location"])
+                    if urlsplit(target).scheme.lower() not in ("http", "https"):
+                        raise FetchError(f"{url!r} redirects to {target!r}, which is not an http:// or https:// URL.")
+                    current = target
+                    continue
                 if response.status_code >= 400:
-                    raise FetchError(f"{url!r} answered HTTP {response.status_code} {response.reason or ''}".rstrip() + ".")
+                    raise FetchError(f"{url!r} answered HTTP {response.status_code} {response.reason or ''}".rstrip()
+                                     + ".")
                 declared = response.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise FetchError(
                         f"{url!r} is {int(declared) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
-                while True:
-                    if time.monotonic() - started > deadline_s:
-                        raise FetchError(f"{url!r} took longer than {deadline_s:.0f} s to download.")
-                    chunk = response.raw.read1(64 * 1024, decode_content=True)
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise FetchError(f"{url!r} sent more than the {max_bytes / 2**20:.0f} MB limit.")
-                    chunks.append(chunk)
+                return _read_body(response, url, max_bytes, deadline)
+        raise FetchError(f"{url!r} redirects more than {URL_MAX_REDIRECTS} times.")
     except FetchError:
         raise
     except InvalidIPAddress as error:
         raise FetchError(
             f"{url!r} points to a private or local address ({error}), which is refused. "
             f"Set {ALLOW_PRIVATE_URLS_ENV}=1 to allow it on your own machine.") from error
-    except requests.TooManyRedirects as error:
-        raise FetchError(f"{url!r} redirects more than {URL_MAX_REDIRECTS} times.") from error
     except requests.Timeout as error:
         raise FetchError(f"{url!r} did not answer in time ({error.__class__.__name__}).") from error
     except requests.ConnectionError as error:
@@ -249,12 +316,19 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
     except (requests.RequestException, OSError, ValueError) as error:
         raise FetchError(f"{url!r} could not be downloaded: {_reason(error)}.") from error
 
-    data = b"".join(chunks)
-    try:
-        load_image(data, url)
-    except InvalidImageError as error:
-        raise FetchError(str(error)) from error
-    return data
+
+def _read_body(response, url: str, max_bytes: int, deadline: float) -> bytes:
+    """The body, decompressed as it arrives (a small gzip can inflate past the cap), at most max_bytes, and
+    no slow drip past the deadline."""
+    chunks, received = [], 0
+    while chunk := response.raw.read1(64 * 1024, decode_content=True):
+        if time.monotonic() > deadline:
+            raise FetchError(f"{url!r} took too long to download.")
+        received += len(chunk)
+        if received > max_bytes:
+            raise FetchError(f"{url!r} sent more than the {max_bytes / 2**20:.0f} MB limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _reason(error: Exception) -> str:

@@ -5,6 +5,10 @@
 (a) naive: full Pillow decode, resize to 32x32, one fp32 forward per image (what a straightforward app does);
 (b) ours: load_image (JPEG draft decoding, small working copy) + one batched, bf16, channels_last predict
     call that also runs flip test-time augmentation. Both run in this process on the same files.
+
+Then memory: eight 64-megapixel uploads (4 PNG, 4 WebP; neither format can be decoded at reduced scale)
+decoded on DECODE_THREADS threads, (a) with a plain full decode and (b) with load_image; peak RSS of each,
+measured in a fresh child process so that one cannot hide in the other's peak.
 """
 
 from __future__ import annotations
@@ -56,6 +60,51 @@ def naive_predict(model: torch.nn.Module, path: Path) -> int:
         return int(model(x.unsqueeze(0)).argmax())
 
 
+LARGE_SIZE = (8000, 8000)
+
+
+def make_large_uploads() -> list[Path]:
+    """Four PNGs and four WebPs of 64 megapixels, smooth so that each stays under the 20 MB upload limit."""
+    UPLOADS.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for index in range(8):
+        image_format = "PNG" if index < 4 else "WEBP"
+        path = UPLOADS / f"large-{index}-{LARGE_SIZE[0]}x{LARGE_SIZE[1]}.{image_format.lower()}"
+        if not path.exists():
+            small = rng.integers(0, 256, (6, 8, 3 if index % 2 else 4), dtype=np.uint8)  # half of them with alpha
+            Image.fromarray(small).resize(LARGE_SIZE, Image.Resampling.BICUBIC).save(path, image_format)
+        paths.append(path)
+    return paths
+
+
+DECODE_MEMORY = r"""
+import resource, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from PIL import Image
+from inputs import DECODE_THREADS, load_image
+
+Image.MAX_IMAGE_PIXELS = None
+def full(path):
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((512, 512))
+decode = full if sys.argv[2] == "full" else lambda path: load_image(path.read_bytes(), path.name)
+with ThreadPoolExecutor(DECODE_THREADS) as pool:
+    list(pool.map(decode, [Path(p) for p in sys.argv[3:]]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def decode_peak_rss_mb(how: str, paths: list[Path]) -> float:
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", DECODE_MEMORY, str(ROOT), how, *map(str, paths)],
+                         capture_output=True, text=True, check=True)
+    return float(run.stdout.strip())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -102,6 +151,11 @@ def main() -> None:
     print(f"(b) ours:  load_image + batched Classifier.predict (TTA):   {our_rate:6.1f} images/s")
     print(f"speed-up: {our_rate / naive_rate:.1f}x")
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
+
+    large = make_large_uploads()
+    full, ours = decode_peak_rss_mb("full", large), decode_peak_rss_mb("ours", large)
+    print(f"8 uploads of 64 MP (4 PNG, 4 WebP) on {DECODE_THREADS} threads, peak RSS: (a) full decode {full:.0f} MB, "
+          f"(b) load_image {ours:.0f} MB ({full / ours:.1f}x less)")
 
 
 if __name__ == "__main__":

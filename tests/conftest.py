@@ -130,9 +130,9 @@ class Route:
     """What the test server answers on one path."""
 
     def __init__(self, status: int = 200, body: bytes = b"", headers: dict | None = None,
-                 drip_delay: float = 0.0, content_length: int | None = -1) -> None:
+                 drip_delay: float = 0.0, content_length: int | None = -1, header_delay: float = 0.0) -> None:
         self.status, self.body, self.headers = status, body, headers or {}
-        self.drip_delay, self.content_length = drip_delay, content_length
+        self.drip_delay, self.content_length, self.header_delay = drip_delay, content_length, header_delay
 
 
 class LocalServer:
@@ -147,6 +147,7 @@ class LocalServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.requests.append(self.path)
                 route = server.routes.get(self.path, Route(404, b"not found"))
+                time.sleep(route.header_delay)
                 self.send_response(route.status)
                 for name, value in route.headers.items():
                     self.send_header(name, value)

@@ -87,10 +87,15 @@ def test_concurrent_predictions_from_many_threads(classifier):
     assert errors == [] and results == [expected] * 6
 
 
-def test_fp32_and_bf16_agree_on_real_photos_labels(classifier):
+def test_fp32_and_bf16_agree_on_labels(classifier):
+    """bf16 is forced on, whatever this CPU supports natively, so the two paths compared really differ."""
+    bf16 = Classifier(classifier.model, classifier.version, use_bf16=True)
     fp32 = Classifier(classifier.model, classifier.version, use_bf16=False)
     batch = to_uint8_batch(pictures())
-    assert classifier.probabilities(batch).argmax(1).tolist() == fp32.probabilities(batch).argmax(1).tolist()
+    low, full = bf16.probabilities(batch), fp32.probabilities(batch)
+    assert not torch.equal(low, full)  # bf16 rounding shows in the probabilities...
+    assert low.argmax(1).tolist() == full.argmax(1).tolist()  # ...not in the labels
+    assert torch.allclose(low, full, atol=0.05)
 
 
 def test_preprocessing_is_anti_aliased():

@@ -52,8 +52,7 @@ def test_truncated_jpeg():
 def test_png_with_bad_crc():
     data = bytearray(image_bytes("PNG"))
     data[29] ^= 0xFF  # inside the IHDR chunk's CRC
-    message = refused(bytes(data), "broken.png")
-    assert "PNG" in message or "accepted format" in message
+    assert "starts like a PNG file but its header is damaged" in refused(bytes(data), "broken.png")
 
 
 def test_png_cut_mid_stream():
@@ -208,3 +207,14 @@ def test_corrupted_real_images_give_an_image_or_invalid_image_error(noise, offse
         assert load_image(bytes(base), "mutated").mode == "RGB"
     except InvalidImageError:
         pass
+
+
+def test_a_big_png_with_transparency_is_reduced_flattened_and_upright():
+    """Above LARGE_DECODE_PIXELS the picture is box-reduced in bands before anything else: same result."""
+    big = Image.new("RGBA", (4800, 3600), (0, 0, 255, 0))          # 17 MP, transparent blue...
+    big.paste((255, 0, 0, 255), (0, 0, 2400, 3600))               # ...with an opaque red left half
+    buffer = io.BytesIO()
+    big.save(buffer, "PNG", compress_level=1)
+    image = load_image(buffer.getvalue(), "big.png")
+    assert image.size == (512, 384) and image.mode == "RGB"
+    assert image.getpixel((100, 200)) == (255, 0, 0) and image.getpixel((400, 200)) == (255, 255, 255)
