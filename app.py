@@ -18,13 +18,17 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import charts
-from classifier import CLASSES, Classifier, Prediction, load_classifier
+from classifier import CLASSES, Classifier, Prediction, WeightsError, load_classifier
 from db import NewPrediction, Store, StoreError, Summary, admin_password_ok, configured_admin_password, open_store
 from display import CARD_SIZE, data_url, encode_image, escape_markdown
 from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
                     fetch_image, read_image_input)
 
 COLUMNS = 4
+SKIP = "skip"  # a label choice that means: do not save this image
+LABEL_CHOICES = (*CLASSES, SKIP)
+UNKNOWN_FLAG = "maybe none of these classes"
+LOW_CONFIDENCE_FLAG = "low confidence"
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", Store.iter_archive),
     "cifar10_feedback.csv": ("text/csv", Store.iter_csv),
@@ -73,7 +77,15 @@ def read_source(name: str, upload) -> tuple[ImageInput, bytes]:
 
 
 def final_label(key: str, item: Classified) -> str:
+    """The class the person chose, the prediction if they left it, or SKIP."""
     return st.session_state.corrections.get(key, item.prediction.label)
+
+
+def flag(prediction: Prediction, threshold: float) -> str:
+    """Why an image is listed first: the model thinks it is none of the ten, or is not sure which; else ''."""
+    if prediction.is_ood:
+        return UNKNOWN_FLAG
+    return LOW_CONFIDENCE_FLAG if prediction.confidence < threshold else ""
 
 
 def remember_card_choice(key: str, widget_key: str) -> None:
@@ -82,7 +94,7 @@ def remember_card_choice(key: str, widget_key: str) -> None:
 
 def remember_table_edits(keys: list[str], widget_key: str) -> None:
     for row, change in st.session_state[widget_key]["edited_rows"].items():
-        if change.get("label") in CLASSES:
+        if change.get("label") in LABEL_CHOICES:
             st.session_state.corrections[keys[row]] = change["label"]
 
 
@@ -95,15 +107,22 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
 
+def to_save(items: list[tuple[str, Classified]]) -> list[tuple[str, Classified]]:
+    return [(key, item) for key, item in items if final_label(key, item) != SKIP]
+
+
 def save_all(model_version: str) -> None:
     state = st.session_state
+    items = current_items()
     predictions = [
         NewPrediction(content_hash=item.image.content_hash, data=item.image.data, extension=item.image.extension,
                       source=item.image.source, predicted_label=item.prediction.label,
                       confidence=item.prediction.confidence, final_label=final_label(key, item),
-                      model_version=model_version)
-        for key, item in current_items()
+                      model_version=model_version, is_ood=item.prediction.is_ood,
+                      ood_score=item.prediction.ood_score)
+        for key, item in to_save(items)
     ]
+    skipped = len(items) - len(predictions)
     try:
         result = open_store().save_predictions(predictions)
     except StoreError as error:
@@ -115,6 +134,8 @@ def save_all(model_version: str) -> None:
         parts.append(f"updated the label of {plural(result.updated, 'image')} saved before")
     if result.unchanged:
         parts.append(f"{result.unchanged} already saved with that label, not duplicated")
+    if skipped:
+        parts.append(f"{skipped} marked skip, not saved")
     message = "; ".join(parts)
     state.flash = ("success", message[0].upper() + message[1:] + ".")
     if result.change is not None:
@@ -281,10 +302,12 @@ def review(model_version: str) -> None:
         state.review_view = state.view_widget or state.review_view
         state.review_threshold = state.threshold_widget
         threshold = state.review_threshold / 100
-        items.sort(key=lambda pair: pair[1].prediction.confidence >= threshold)  # flagged first, else upload order
-        flagged = sum(item.prediction.confidence < threshold for _, item in items)
-        st.caption(f"{flagged} flagged as low confidence, listed first. Leave a label to confirm the prediction, "
-                   "or pick the right class to correct it.")
+        items.sort(key=lambda pair: not flag(pair[1].prediction, threshold))  # flagged first, else upload order
+        unknown = sum(flag(item.prediction, threshold) == UNKNOWN_FLAG for _, item in items)
+        unsure = sum(flag(item.prediction, threshold) == LOW_CONFIDENCE_FLAG for _, item in items)
+        st.caption(f"{unsure} flagged as low confidence and {unknown} as maybe none of these classes, listed first. "
+                   f"Leave a label to confirm the prediction, pick the right class to correct it, or pick "
+                   f"**{SKIP}** to leave an image out of the save.")
         try:
             seen = open_store().find_saved([item.image.content_hash for _, item in items])
         except StoreError:
@@ -296,7 +319,8 @@ def review(model_version: str) -> None:
 
     # Each action changes more than this fragment (the sidebar, the inputs): it reruns the whole page.
     with st.container(horizontal=True):
-        if st.button(f"Save {plural(len(items), 'image')}", type="primary", disabled=not items):
+        saving = len(to_save(items))
+        if st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving):
             save_all(model_version)
             st.rerun()
         if state.undo is not None and st.button("Undo last change",
@@ -316,7 +340,7 @@ def review_table(items: list[tuple[str, Classified]], threshold: float, seen: di
         "source": [item.image.source for _, item in items],
         "prediction": [item.prediction.label for _, item in items],
         "confidence": [item.prediction.confidence for _, item in items],
-        "flag": ["low confidence" if item.prediction.confidence < threshold else "" for _, item in items],
+        "flag": [flag(item.prediction, threshold) for _, item in items],
         "label": [final_label(key, item) for key, item in items],
         "already saved": [seen[item.image.content_hash].final_label if item.image.content_hash in seen else ""
                           for _, item in items],
@@ -327,8 +351,9 @@ def review_table(items: list[tuple[str, Classified]], threshold: float, seen: di
         column_config={
             "image": st.column_config.ImageColumn("image", width="small"),
             "confidence": st.column_config.ProgressColumn("confidence", format="percent", min_value=0, max_value=1),
-            "label": st.column_config.SelectboxColumn("label", options=CLASSES, required=True,
-                                                      help="Change to correct the prediction."),
+            "label": st.column_config.SelectboxColumn("label", options=LABEL_CHOICES, required=True,
+                                                      help=f"Change to correct the prediction; {SKIP} leaves the "
+                                                           "image out of the save."),
         },
         on_change=remember_table_edits, args=(keys, table_key),
     )
@@ -342,12 +367,14 @@ def review_cards(items: list[tuple[str, Classified]], threshold: float, seen: di
             with column:
                 st.image(item.card, width=CARD_SIZE)
                 st.caption(escape_markdown(item.image.source))
-                flag = " :orange-badge[low confidence]" if prediction.confidence < threshold else ""
-                st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{flag}")
+                badge = {UNKNOWN_FLAG: f" :violet-badge[{UNKNOWN_FLAG.capitalize()}]",
+                         LOW_CONFIDENCE_FLAG: f" :orange-badge[{LOW_CONFIDENCE_FLAG}]", "": ""}[flag(prediction, threshold)]
+                st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge}")
                 st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
                 widget_key = f"label-{nonce}-{key}"
-                st.selectbox("Label", CLASSES, index=CLASSES.index(final_label(key, item)), key=widget_key,
-                             on_change=remember_card_choice, args=(key, widget_key))
+                st.selectbox("Label", LABEL_CHOICES, index=LABEL_CHOICES.index(final_label(key, item)), key=widget_key,
+                             on_change=remember_card_choice, args=(key, widget_key),
+                             format_func=lambda choice: "skip (don't save)" if choice == SKIP else choice)
                 if item.image.content_hash in seen:
                     record = seen[item.image.content_hash]
                     st.caption(f"Already saved {record.created_at[:16].replace('T', ' ')} UTC "
@@ -364,11 +391,16 @@ def classify_page() -> None:
     state.setdefault("confirm_clear", False)
     state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
     state.setdefault("review_view", "Cards")
-    state.setdefault("review_threshold", 60)  # percent
 
     with st.sidebar:
         saved_feedback_sidebar()
-    classifier = get_classifier()
+    try:
+        classifier = get_classifier()
+    except WeightsError as error:
+        st.error(escape_markdown(str(error)), icon=":material/error:")
+        st.stop()
+    # Percent; the model card's default, chosen on calibrated confidences to catch half of the model's mistakes.
+    state.setdefault("review_threshold", round(classifier.low_confidence * 100))
     st.title("CIFAR-10 image classifier")
     accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
     st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")

@@ -19,6 +19,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -34,15 +35,50 @@ CHUNK_SIZE = 64
 
 
 class WeightsError(RuntimeError):
-    """The weights file is missing or unusable; the message says which file and what to do."""
+    """The weights file or its model card is missing or unusable; the message says which file and what to do."""
 
 
 @dataclass(frozen=True)
 class Prediction:
     label: str
-    confidence: float
+    confidence: float                 # calibrated: of the images shown this confidence, about that share are right
     top_k: list[tuple[str, float]]
     probabilities: list[float]
+    ood_score: float = 0.0            # higher: less like the ten classes (1 - cosine to the nearest training image)
+    is_ood: bool = False              # ood_score above the threshold that flags 5% of the CIFAR-10 test split
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A temperature that depends on how clear the answer is: T = exp(a + b*s + c*s^2), s = log(top-1 minus top-2
+    logit), s clamped to the range it was fitted on. Dividing every logit by one positive number never changes
+    which is largest, so the predicted label is the same as without calibration."""
+
+    a: float = 0.0
+    b: float = 0.0
+    c: float = 0.0
+    s_range: tuple[float, float] = (-7.0, 4.0)
+
+    def temperatures(self, logits: torch.Tensor) -> torch.Tensor:
+        top2 = logits.topk(2, dim=1).values
+        s = (top2[:, 0] - top2[:, 1]).clamp_min(1e-3).log().clamp(*self.s_range)
+        return (self.a + self.b * s + self.c * s * s).exp()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits / self.temperatures(logits).unsqueeze(1)).softmax(dim=1)
+
+
+@dataclass(frozen=True)
+class Novelty:
+    """How unlike the ten classes an image is: 1 minus the cosine similarity of its penultimate features to the
+    nearest of a bank of training images (normalised, fp16), flagged above a threshold."""
+
+    bank: torch.Tensor
+    threshold: float
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        similarity = F.normalize(features.float(), dim=1) @ self.bank.float().T
+        return 1.0 - similarity.max(dim=1).values
 
 
 def build_model() -> nn.Module:
@@ -51,6 +87,14 @@ def build_model() -> nn.Module:
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ResNet forward, keeping the pooled penultimate features the novelty score compares."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    features = torch.flatten(model.avgpool(x), 1)
+    return model.fc(features), features
 
 
 def bf16_supported(device: torch.device = torch.device("cpu")) -> bool:
@@ -92,52 +136,71 @@ def file_sha256(path: Path) -> str:
 
 
 class Classifier:
-    """One loaded model shared by every Streamlit session; a lock keeps concurrent calls from fighting for the cores."""
+    """One loaded model shared by every Streamlit session; a lock keeps concurrent calls from fighting for the cores.
+
+    Without a calibration and a novelty detector (as during training) it gives the raw softmax and no flag."""
 
     def __init__(self, model: nn.Module, version: str, use_bf16: bool | None = None,
-                 test_accuracy: float | None = None) -> None:
+                 test_accuracy: float | None = None, calibration: Calibration = Calibration(),
+                 novelty: Novelty | None = None, low_confidence: float = 0.6) -> None:
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.device = next(model.parameters()).device
         self.version = version
         self.test_accuracy = test_accuracy
+        self.calibration = calibration
+        self.novelty = novelty
+        self.low_confidence = low_confidence  # the page's default threshold for flagging a prediction
         self.use_bf16 = bf16_supported(self.device) if use_bf16 is None else use_bf16
         self._lock = threading.Lock()
 
-    def probabilities(self, batch: torch.Tensor, tta: bool = True) -> torch.Tensor:
-        """Class probabilities (on the CPU) for a uint8 batch, averaged over the image and its mirror when tta is on."""
-        outputs = []
+    def outputs(self, batch: torch.Tensor, tta: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and penultimate features (on the CPU, float32) for a uint8 batch, each averaged over the image
+        and its mirror when tta is on. Averaging logits (not probabilities) keeps calibration from moving the
+        arg-max."""
+        logits, features = [], []
         with self._lock, torch.inference_mode():
             for start in range(0, len(batch), CHUNK_SIZE):
                 x = normalize(batch[start:start + CHUNK_SIZE].to(self.device))
                 if tta:
                     x = torch.cat([x, x.flip(3)])
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-                    logits = self.model(x)
-                probs = logits.float().softmax(dim=1)
+                    chunk_logits, chunk_features = logits_and_features(self.model, x)
+                chunk_logits, chunk_features = chunk_logits.float(), chunk_features.float()
                 if tta:
-                    probs = probs.view(2, -1, len(CLASSES)).mean(dim=0)
-                outputs.append(probs.cpu())
-        if not outputs:
-            return torch.empty((0, len(CLASSES)))
-        return torch.cat(outputs)
+                    chunk_logits = chunk_logits.view(2, -1, len(CLASSES)).mean(dim=0)
+                    chunk_features = chunk_features.view(2, -1, chunk_features.shape[1]).mean(dim=0)
+                logits.append(chunk_logits.cpu())
+                features.append(chunk_features.cpu())
+        if not logits:
+            return torch.empty((0, len(CLASSES))), torch.empty((0, self.model.fc.in_features))
+        return torch.cat(logits), torch.cat(features)
+
+    def probabilities(self, batch: torch.Tensor, tta: bool = True) -> torch.Tensor:
+        """Calibrated class probabilities for a uint8 batch."""
+        return self.calibration.probabilities(self.outputs(batch, tta)[0])
 
     def predict(self, images: Sequence[Image.Image], top_k: int = 3) -> list[Prediction]:
-        probs = self.probabilities(to_uint8_batch(images))
+        logits, features = self.outputs(to_uint8_batch(images))
+        probabilities = self.calibration.probabilities(logits)
+        scores = self.novelty.scores(features) if self.novelty is not None else torch.zeros(len(logits))
         predictions = []
-        for row in probs.tolist():
+        for row, score in zip(probabilities.tolist(), scores.tolist()):
             ranked = sorted(zip(CLASSES, row), key=lambda pair: pair[1], reverse=True)
             predictions.append(Prediction(
-                label=ranked[0][0],
-                confidence=ranked[0][1],
-                top_k=ranked[:top_k],
-                probabilities=row,
+                label=ranked[0][0], confidence=ranked[0][1], top_k=ranked[:top_k], probabilities=row,
+                ood_score=score, is_ood=self.novelty is not None and score > self.novelty.threshold,
             ))
         return predictions
 
 
-def load_classifier(weights_path: str | Path | None = None) -> Classifier:
-    """Load the shipped weights (or another file); the version is the file's hash, so saved rows say which model spoke."""
-    path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
+def novelty_path(weights: Path) -> Path:
+    """The novelty bank ships beside the weights: resnet18_cifar10.pt -> resnet18_cifar10.novelty.pt."""
+    return weights.with_suffix(".novelty.pt")
+
+
+def load_weights(path: Path) -> Classifier:
+    """The model alone, uncalibrated and without a novelty score; its version is the file's hash, so saved rows
+    say which model spoke."""
     hint = "Train a model with `python train.py` or restore the file from git."
     if not path.is_file():
         raise WeightsError(f"Model weights not found at {path}. {hint}")
@@ -147,9 +210,27 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
         model.load_state_dict({key: value.float() for key, value in state.items()})
     except Exception as error:
         raise WeightsError(f"Model weights at {path} could not be loaded ({error}). {hint}") from error
-    card = path.with_suffix(".json")
-    test_accuracy = json.loads(card.read_text()).get("test_accuracy_tta") if card.is_file() else None
-    return Classifier(model, version=f"{path.stem}@{file_sha256(path)[:12]}", test_accuracy=test_accuracy)
+    return Classifier(model, version=f"{path.stem}@{file_sha256(path)[:12]}")
+
+
+def load_classifier(weights_path: str | Path | None = None) -> Classifier:
+    """Load the shipped weights (or another file) with the calibration, novelty threshold and bank that their
+    model card names."""
+    path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
+    raw = load_weights(path)
+    card_path = path.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        calibration = Calibration(**{**card.get("calibration", {}).get("parameters", {})})
+        novelty = None
+        if "novelty" in card:
+            bank = torch.load(novelty_path(path), map_location="cpu", weights_only=True)["bank"]
+            novelty = Novelty(bank, float(card["novelty"]["threshold"]))
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise WeightsError(f"The model card {card_path} (or its novelty bank) is unusable ({error.__class__.__name__}: "
+                           f"{error}). Restore both from git, or rebuild them with `python evaluate.py`.") from error
+    return Classifier(raw.model, raw.version, test_accuracy=card.get("test_accuracy_tta"), calibration=calibration,
+                      novelty=novelty, low_confidence=card.get("low_confidence_threshold", 0.6))
 
 
 def main(paths: Sequence[str]) -> int:
@@ -168,7 +249,8 @@ def main(paths: Sequence[str]) -> int:
             failures += 1
             continue
         prediction = classifier.predict([image])[0]
-        print(f"{name}\t{prediction.label}\t{prediction.confidence:.1%}")
+        flag = "\tmaybe none of these classes" if prediction.is_ood else ""
+        print(f"{name}\t{prediction.label}\t{prediction.confidence:.1%}{flag}")
     return 1 if failures else 0
 
 

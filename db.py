@@ -68,9 +68,9 @@ IMAGE_NAME = re.compile(r"^[0-9a-f]{64}\.(jpg|png|gif|webp)$")
 PARTIAL_PREFIX = ".partial-"
 OWNERS_SUFFIX = ".owners"  # which databases use an image store: .<folder>.owners/<id>, <prefix>.owners/<id> on S3
 COLUMNS = ("id", "content_hash", "image_file", "source", "predicted_label", "confidence", "final_label",
-           "is_correct", "created_at", "model_version", "edits")
+           "is_correct", "created_at", "model_version", "edits", "is_ood", "ood_score")
 EXPORT_COLUMNS = ("id", "source", "predicted_label", "confidence", "final_label", "is_correct", "created_at",
-                  "model_version", "content_hash", "edits")
+                  "model_version", "content_hash", "edits", "is_ood", "ood_score")
 
 # Each entry upgrades the schema by one version, in one transaction with the version number, under a lock.
 # Written once for both databases (SQLite reads DOUBLE PRECISION as REAL and BIGINT as INTEGER).
@@ -107,6 +107,11 @@ MIGRATIONS = (
     DROP INDEX predictions_final_label;
     CREATE INDEX predictions_labels ON predictions (final_label, predicted_label, is_correct);
     """,
+    # The model's "maybe none of the ten" flag and score as they were when saved (no score for older records).
+    """
+    ALTER TABLE predictions ADD COLUMN is_ood INTEGER NOT NULL DEFAULT 0 CHECK (is_ood IN (0, 1));
+    ALTER TABLE predictions ADD COLUMN ood_score DOUBLE PRECISION;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -137,6 +142,8 @@ class NewPrediction:
     confidence: float
     final_label: str
     model_version: str
+    is_ood: bool = False
+    ood_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,8 @@ class SavedPrediction:
     created_at: str
     model_version: str
     edits: int = 0
+    is_ood: bool = False
+    ood_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,7 @@ class RecordFilter:
 
     labels: tuple[str, ...] = ()
     corrected_only: bool = False
+    flagged_only: bool = False        # only those the model said were maybe none of the ten
     since: date | None = None
     until: date | None = None
 
@@ -957,7 +967,8 @@ def _remove_leftovers_quietly(store: Store) -> None:
 # ---------------------------------------------------------------- SQL, in one place
 
 def _record(row) -> SavedPrediction:
-    return SavedPrediction(**{column: row[column] for column in COLUMNS} | {"is_correct": bool(row["is_correct"])})
+    return SavedPrediction(**{column: row[column] for column in COLUMNS} | {
+        "is_correct": bool(row["is_correct"]), "is_ood": bool(row["is_ood"])})
 
 
 def _by_hash(cursor: Cursor, content_hashes: Sequence[str]) -> list[SavedPrediction]:
@@ -989,7 +1000,8 @@ def _row(prediction: NewPrediction, created_at: str) -> dict:
         "source": prediction.source.replace("\x00", "\ufffd"), "predicted_label": prediction.predicted_label,
         "confidence": min(1.0, max(0.0, float(prediction.confidence))), "final_label": prediction.final_label,
         "is_correct": int(prediction.final_label == prediction.predicted_label), "created_at": created_at,
-        "model_version": prediction.model_version, "edits": 0,
+        "model_version": prediction.model_version, "edits": 0, "is_ood": int(prediction.is_ood),
+        "ood_score": None if prediction.ood_score is None else float(prediction.ood_score),
     }
 
 
@@ -1040,6 +1052,8 @@ def _where(record_filter: RecordFilter) -> tuple[str, list]:
         parameters += list(record_filter.labels)
     if record_filter.corrected_only:
         clauses.append("is_correct = 0")
+    if record_filter.flagged_only:
+        clauses.append("is_ood = 1")
     if record_filter.since is not None:
         clauses.append("created_at >= ?")
         parameters.append(record_filter.since.isoformat())
@@ -1088,10 +1102,12 @@ class ArchiveEntry:
     final_label: str
     model_version: str
     created_at: str
+    is_ood: bool = False
+    ood_score: float | None = None
 
     def prediction(self) -> NewPrediction:
         return NewPrediction(self.content_hash, b"", self.extension, self.source, self.predicted_label,
-                             self.confidence, self.final_label, self.model_version)
+                             self.confidence, self.final_label, self.model_version, self.is_ood, self.ood_score)
 
 
 Predict = Callable[[list], tuple[list, str]]  # images -> (predictions, model version)
@@ -1119,7 +1135,8 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
         def predict_waiting() -> None:
             predictions, version = predict([item.image for _, item in waiting])
             entries.extend(ArchiveEntry(name, members[name].file_size, item.content_hash, item.extension, name,
-                                        prediction.label, prediction.confidence, _label_of(name), version, now)
+                                        prediction.label, prediction.confidence, _label_of(name), version, now,
+                                        prediction.is_ood, prediction.ood_score)
                            for (name, item), prediction in zip(waiting, predictions))
             waiting.clear()
 
@@ -1142,7 +1159,7 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
             entries.append(ArchiveEntry(name, info.file_size, item.content_hash, item.extension,
                                         row.get("source") or name, row["predicted_label"], row["confidence"],
                                         row["final_label"], row.get("model_version") or "unknown",
-                                        row.get("created_at") or now))
+                                        row.get("created_at") or now, row["is_ood"], row["ood_score"]))
         if waiting:
             predict_waiting()
         return entries
@@ -1222,7 +1239,14 @@ def _read_manifest(path: str | Path, archive: zipfile.ZipFile, images: dict) -> 
                 raise ArchiveError(f"{where}: created_at {row['created_at']!r} is not an ISO date and time.") from error
             created = created if created.tzinfo else created.replace(tzinfo=timezone.utc)
             row["created_at"] = created.astimezone(timezone.utc).isoformat(timespec="seconds")
-        checked[name] = (line, {**row, "confidence": confidence})
+        flag, score = row.get("is_ood") or "0", row.get("ood_score") or ""
+        if flag not in ("0", "1"):
+            raise ArchiveError(f"{where}: is_ood {flag!r} is not 0 or 1.")
+        try:
+            ood_score = float(score) if score else None
+        except ValueError as error:
+            raise ArchiveError(f"{where}: ood_score {score!r} is not a number.") from error
+        checked[name] = (line, {**row, "confidence": confidence, "is_ood": flag == "1", "ood_score": ood_score})
     unlisted = sorted(set(images) - set(checked))
     if unlisted:
         more = f" and {len(unlisted) - 1} other image(s)" if len(unlisted) > 1 else ""

@@ -1,65 +1,268 @@
-"""Accuracy of the shipped weights on the CIFAR-10 test split, through Classifier.predict (the app's own path).
+"""Describe a model: accuracy, calibration and the "none of the ten" score, written into its model card.
 
-    python evaluate.py                       # shipped weights, ../shared/data archive (or a download)
-    python evaluate.py --weights other.pt --confusion confusion.png
+    python evaluate.py                        # the shipped weights; ../shared/data archive (or --data)
+    python evaluate.py --weights other.pt     # any weights; their card, bank and PNGs go beside them
+
+Everything runs through Classifier (the app's own code path). In order:
+1. accuracy on the CIFAR-10 test split, with and without flip TTA, per class, and a confusion-matrix PNG;
+2. calibration, fitted on one half of the test split (a fixed random half) and measured on the other: expected
+   calibration error (15 equal-width bins) before and after, and a reliability-diagram PNG;
+3. the novelty score: a bank of training images' features (class-balanced), its threshold (5% of the test split
+   flagged), and AUROC against the photos of other animals in ../shared/data/not-cifar10-dev, both vs the
+   test split and vs test images made to look like photos (upscaled, re-compressed, read back as uploads).
+train.py and finetune.py call describe_model on the weights they write.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
-from charts import confusion_matrix_figure
-from classifier import CLASSES, Classifier, load_classifier
-from train import load_cifar10
+from classifier import CLASSES, Calibration, Classifier, build_model, file_sha256, novelty_path, to_uint8_batch
 
-DEFAULT_CONFUSION = Path(__file__).resolve().parent / "models" / "confusion_matrix.png"
+# ---------------------------------------------------------------- settings
+CALIBRATION_SEED = 0       # which half of the test split fits the calibration; the other half measures it
+ECE_BINS = 15
+BANK_PER_CLASS = 500       # training images per class in the novelty bank: 5,000 x 512 fp16 = 5 MB
+FLAGGED_SHARE = 0.05       # the threshold flags this share of the CIFAR-10 test split
+LOW_CONFIDENCE_ERRORS = 0.5  # the page's default flag catches at least this share of the model's mistakes
+NOT_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "not-cifar10-dev"
 
 
-def evaluate(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, chunk: int = 500) -> dict:
-    """Accuracy, per-class accuracy and confusion matrix (rows true, columns predicted) of predict() on uint8 images."""
-    predicted = []
-    for start in range(0, len(images), chunk):
-        batch = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images[start:start + chunk]]
-        predicted += [CLASSES.index(p.label) for p in classifier.predict(batch)]
-    matrix = [[0] * len(CLASSES) for _ in CLASSES]
-    for truth, guess in zip(labels.tolist(), predicted):
-        matrix[truth][guess] += 1
-    correct = sum(matrix[i][i] for i in range(len(CLASSES)))
+# ---------------------------------------------------------------- accuracy
+
+def evaluate(model: Classifier | nn.Module, images: torch.Tensor, labels: torch.Tensor, tta: bool = True) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows true, columns predicted) on uint8 images; the one
+    evaluation used by training, fine-tuning and this script."""
+    classifier = model if isinstance(model, Classifier) else Classifier(model, version="evaluation")
+    predicted = classifier.outputs(images, tta=tta)[0].argmax(dim=1)
+    matrix = torch.zeros((len(CLASSES), len(CLASSES)), dtype=torch.long)
+    matrix.index_put_((labels.long(), predicted), torch.ones_like(predicted), accumulate=True)
+    correct = matrix.diagonal()
     return {
-        "accuracy": correct / len(labels),
-        "per_class_accuracy": {name: matrix[i][i] / max(1, sum(matrix[i])) for i, name in enumerate(CLASSES)},
-        "confusion_matrix": matrix,
+        "accuracy": correct.sum().item() / max(1, len(labels)),
+        "per_class_accuracy": {name: correct[i].item() / max(1, matrix[i].sum().item()) for i, name in enumerate(CLASSES)},
+        "confusion_matrix": matrix.tolist(),
         "images": len(labels),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, help="weights file (default: the shipped one)")
-    parser.add_argument("--data", help="CIFAR-10 archive, ImageFolder train/test folder, or torchvision root")
-    parser.add_argument("--confusion", type=Path, default=DEFAULT_CONFUSION, help="where the confusion-matrix PNG goes")
-    args = parser.parse_args()
+# ---------------------------------------------------------------- calibration
 
-    classifier = load_classifier(args.weights)
-    data = load_cifar10(args.data)
-    started = time.time()
-    result = evaluate(classifier, data["test_x"], data["test_y"])
-    seconds = time.time() - started
-    print(f"model {classifier.version} on {result['images']} test images: "
-          f"accuracy {result['accuracy']:.2%} ({result['images'] / seconds:.0f} images/s through predict)")
-    for name, accuracy in result["per_class_accuracy"].items():
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    confidence, predicted = probabilities.max(dim=1)
+    correct = (predicted == labels).float()
+    error = 0.0
+    edges = torch.linspace(0, 1, bins + 1)
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    return error
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
+    """The three numbers of Calibration that minimise the negative log-likelihood (L-BFGS, float64)."""
+    logits = logits.double()
+    top2 = logits.topk(2, dim=1).values
+    s = (top2[:, 0] - top2[:, 1]).clamp_min(1e-3).log()
+    parameters = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([parameters], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        temperature = (parameters[0] + parameters[1] * s + parameters[2] * s * s).exp()
+        loss = nn.functional.cross_entropy(logits / temperature.unsqueeze(1), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b, c = (round(value, 6) for value in parameters.detach().tolist())
+    return Calibration(a, b, c, (round(s.min().item(), 4), round(s.max().item(), 4)))
+
+
+def reliability_figure(before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    """Accuracy against confidence per bin, before and after calibration, on the held-out half."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 5), layout="constrained")
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for probabilities, name in ((before, "before"), (after, "after")):
+        confidence, predicted = probabilities.max(dim=1)
+        correct = (predicted == labels).float()
+        bins = (confidence * ECE_BINS).clamp(max=ECE_BINS - 1e-6).long()
+        used = [b for b in range(ECE_BINS) if (bins == b).any()]
+        axes.plot([confidence[bins == b].mean().item() for b in used], [correct[bins == b].mean().item() for b in used],
+                  marker="o", label=f"{name}: ECE {expected_calibration_error(probabilities, labels):.1%}")
+    axes.set_xlabel("confidence shown")
+    axes.set_ylabel("share correct")
+    axes.set_title("Reliability on the held-out half of the CIFAR-10 test split", fontsize=9)
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
+def low_confidence_threshold(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    """The lowest 5%-step threshold whose flag catches at least LOW_CONFIDENCE_ERRORS of the mistakes."""
+    confidence, predicted = probabilities.max(dim=1)
+    wrong = predicted != labels
+    for percent in range(5, 100, 5):
+        if (confidence[wrong] < percent / 100).float().mean().item() >= LOW_CONFIDENCE_ERRORS:
+            return percent / 100
+    return 0.95
+
+
+# ---------------------------------------------------------------- "none of the ten"
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """The chance that a positive (not one of the ten) scores above a negative; ties count half."""
+    scores = torch.cat([positive, negative]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    for value in scores.unique():  # average ranks over ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    n_pos, n_neg = len(positive), len(negative)
+    return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def novelty_bank(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised features of BANK_PER_CLASS training images of each class (a fixed random choice), fp16."""
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)]
+                        [:BANK_PER_CLASS] for c in range(len(CLASSES))])
+    return nn.functional.normalize(classifier.outputs(images[chosen])[1], dim=1).half()
+
+
+def photo_like(images: torch.Tensor, size: int = 96, quality: int = 80) -> torch.Tensor:
+    """CIFAR images made to look like photo uploads: upscaled, JPEG re-compressed, read back as the app reads."""
+    from inputs import load_image
+
+    uploads = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.Resampling.BICUBIC).save(
+            buffer, "JPEG", quality=quality)
+        uploads.append(load_image(buffer.getvalue(), "photo-like.jpg"))
+    return to_uint8_batch(uploads)
+
+
+def not_cifar10_photos(folder: Path = NOT_CIFAR10) -> torch.Tensor | None:
+    from inputs import load_image
+
+    paths = sorted(path for path in folder.glob("*/*") if path.is_file()) if folder.is_dir() else []
+    if not paths:
+        return None
+    return to_uint8_batch([load_image(path.read_bytes(), path.name) for path in paths])
+
+
+# ---------------------------------------------------------------- the model card
+
+def describe_model(weights: Path, data: dict, card: dict) -> dict:
+    """Measure the weights at `weights` on `data` and write their model card (card's fields plus what is
+    measured here), novelty bank, confusion matrix and reliability diagram beside them."""
+    from charts import confusion_matrix_figure
+    from classifier import Novelty, load_weights
+    from train import save_atomically
+
+    raw = load_weights(weights)  # uncalibrated: its old card and bank, if any, are replaced below
+    test_x, test_y = data["test_x"], data["test_y"]
+    plain = evaluate(raw, test_x, test_y, tta=False)
+    logits, features = raw.outputs(test_x)
+    result = evaluate(raw, test_x, test_y)
+    stem = weights.with_suffix("")
+    confusion_matrix_figure(result["confusion_matrix"], f"CIFAR-10 test split, accuracy {result['accuracy']:.2%}") \
+        .savefig(stem.with_name(stem.name + ".confusion.png"), dpi=120)
+
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    order = torch.randperm(len(test_y), generator=generator)
+    fit_half, held_out = order[:len(order) // 2], order[len(order) // 2:]
+    calibration = fit_calibration(logits[fit_half], test_y[fit_half])
+    before, after = logits[held_out].softmax(dim=1), calibration.probabilities(logits[held_out])
+    reliability_figure(before, after, test_y[held_out], stem.with_name(stem.name + ".reliability.png"))
+
+    bank = novelty_bank(raw, data["train_x"], data["train_y"])
+    novelty = Novelty(bank, 0.0)
+    test_scores = novelty.scores(features)
+    threshold = torch.quantile(test_scores, 1 - FLAGGED_SHARE).item()
+    save_atomically(novelty_path(weights), lambda path: torch.save({"bank": bank}, path))
+    others = not_cifar10_photos()
+    novelty_card = {
+        "method": "1 - cosine similarity of the penultimate features (flip-averaged) to the nearest of "
+                  f"{len(bank)} training images ({BANK_PER_CLASS} per class)",
+        "threshold": round(threshold, 6),
+        "bank_file": novelty_path(weights).name,
+        "test_flagged": round((test_scores > threshold).float().mean().item(), 4),
+    }
+    if others is not None:
+        other_logits, other_features = raw.outputs(others)
+        like_photos_logits, like_photos_features = raw.outputs(photo_like(test_x))
+        other_scores, photo_scores = novelty.scores(other_features), novelty.scores(like_photos_features)
+        msp = {name: -values.softmax(dim=1).max(dim=1).values
+               for name, values in (("other", other_logits), ("test", logits), ("photo", like_photos_logits))}
+        novelty_card |= {
+            "not_cifar10_photos": len(others),
+            "auroc_vs_test_split": round(auroc(other_scores, test_scores), 4),
+            "auroc_vs_photo_like_test_split": round(auroc(other_scores, photo_scores), 4),
+            "not_cifar10_flagged": round((other_scores > threshold).float().mean().item(), 4),
+            "photo_like_flagged": round((photo_scores > threshold).float().mean().item(), 4),
+            "max_softmax_auroc_vs_test_split": round(auroc(msp["other"], msp["test"]), 4),
+            "max_softmax_auroc_vs_photo_like_test_split": round(auroc(msp["other"], msp["photo"]), 4),
+        }
+
+    card = {
+        **card,
+        "test_accuracy": round(plain["accuracy"], 4),
+        "test_accuracy_tta": round(result["accuracy"], 4),
+        "per_class_accuracy_tta": {name: round(value, 4) for name, value in result["per_class_accuracy"].items()},
+        "test_images": len(test_y),
+        "weights_sha256": file_sha256(weights),
+        "calibration": {
+            "method": "temperature depending on the logit gap: T = exp(a + b*s + c*s^2), s = log(top-1 - top-2 logit)",
+            "parameters": {"a": calibration.a, "b": calibration.b, "c": calibration.c, "s_range": calibration.s_range},
+            "fitted_on": f"{len(fit_half)} test images (seed {CALIBRATION_SEED}); measured on the other {len(held_out)}",
+            "ece_before": round(expected_calibration_error(before, test_y[held_out]), 4),
+            "ece_after": round(expected_calibration_error(after, test_y[held_out]), 4),
+            "mean_confidence_before": round(before.max(dim=1).values.mean().item(), 4),
+            "mean_confidence_after": round(after.max(dim=1).values.mean().item(), 4),
+        },
+        "low_confidence_threshold": low_confidence_threshold(after, test_y[held_out]),
+        "novelty": novelty_card,
+    }
+    save_atomically(weights.with_suffix(".json"), lambda path: path.write_text(json.dumps(card, indent=2) + "\n"))
+    print(f"{weights}: test accuracy {card['test_accuracy']:.2%}, with flip TTA {card['test_accuracy_tta']:.2%}; "
+          f"ECE {card['calibration']['ece_before']:.1%} -> {card['calibration']['ece_after']:.1%}; "
+          f"novelty threshold {threshold:.4f}" + (f", AUROC {novelty_card['auroc_vs_test_split']:.3f} vs the test "
+                                                 f"split, {novelty_card['auroc_vs_photo_like_test_split']:.3f} vs "
+                                                 "photo-like test images" if others is not None else ""), flush=True)
+    return card
+
+
+def main() -> None:
+    from classifier import DEFAULT_WEIGHTS
+    from train import load_cifar10
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights file (default: the shipped one)")
+    parser.add_argument("--data", help="CIFAR-10 archive, ImageFolder train/test folder, or torchvision root")
+    args = parser.parse_args()
+    card_path = args.weights.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    except ValueError:
+        card = {}  # rebuilt from what is measured now; the training history it held is lost
+    card = describe_model(args.weights, load_cifar10(args.data), card)
+    for name, accuracy in card["per_class_accuracy_tta"].items():
         print(f"  {name:<10} {accuracy:.1%}")
-    figure = confusion_matrix_figure(result["confusion_matrix"], f"CIFAR-10 test split, accuracy {result['accuracy']:.2%}")
-    args.confusion.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.confusion, dpi=120)
-    print(f"confusion matrix: {args.confusion}")
-    print(json.dumps({"accuracy": round(result["accuracy"], 4), "source": data["source"]}))
+    print(json.dumps({key: card[key] for key in ("test_accuracy_tta", "calibration", "novelty")}, indent=2))
 
 
 if __name__ == "__main__":

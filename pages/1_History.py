@@ -75,17 +75,19 @@ if first_and_last is None:
     st.info("Nothing saved yet. Classify images on the main page and click **Save**.")
     st.stop()
 
-labels_column, corrected_column, dates_column = st.columns([3, 1.5, 2])
+labels_column, toggles_column, dates_column = st.columns([3, 2, 2])
 with labels_column:
     labels = st.multiselect("Final label", CLASSES, placeholder="All labels")
-with corrected_column:
+with toggles_column:
     corrected_only = st.toggle("Corrected only", help="Only images whose prediction was corrected.")
+    flagged_only = st.toggle("Maybe none of the ten only",
+                             help="Only images the model said might be none of its ten classes.")
 with dates_column:
     first_day = first_and_last[0]
     today = max(datetime.now(timezone.utc).date(), first_and_last[1])
     days = st.date_input("Saved between (UTC)", (first_day, today), min_value=first_day, max_value=today)
 since, until = (days[0], days[-1]) if days else (None, None)
-record_filter = RecordFilter(tuple(labels), corrected_only, since, until)
+record_filter = RecordFilter(tuple(labels), corrected_only, flagged_only, since, until)
 if state.get("history_filter") != record_filter:  # a new filter starts at its first page
     state.history_filter, state.history_page = record_filter, 1
 
@@ -115,7 +117,8 @@ for record in store.list_predictions(record_filter, limit=PAGE_SIZE, offset=(pag
             st.caption("image unavailable")
     with details_column:
         verdict = "confirmed" if record.is_correct else f"corrected from **{record.predicted_label}**"
-        st.markdown(f"**{record.final_label}** · {verdict} · {record.confidence:.1%} confidence")
+        unknown = " · :violet-badge[maybe none of these classes]" if record.is_ood else ""
+        st.markdown(f"**{record.final_label}** · {verdict} · {record.confidence:.1%} confidence{unknown}")
         st.caption(f"{escape_markdown(record.source)} · {record.created_at.replace('T', ' ')[:16]} UTC · "
                    f"model `{record.model_version}`")
     with action_column:

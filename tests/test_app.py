@@ -43,6 +43,13 @@ def sidebar_metrics(app: AppTest) -> dict[str, str]:
     return {metric.label: metric.value for metric in app.sidebar.metric}
 
 
+def label_box(app: AppTest, source: str):
+    """The label selectbox on the card of this source (flagged cards come first, so not upload order)."""
+    names = [unescape(c.value) for c in app.caption if c.value and not c.value.startswith(("Already", "·"))]
+    cards = [name for name in names if " · " not in name and "%" not in name and "flagged" not in name]
+    return app.selectbox[cards.index(source)]
+
+
 def upload(app: AppTest, files: list[tuple[str, bytes, str]], threshold: int = 0) -> None:
     """Upload; with the low-confidence threshold at 0 nothing is flagged, so images stay in upload order."""
     app.file_uploader[0].set_value(files)
@@ -67,14 +74,15 @@ def test_upload_correct_and_save(store_env):
     assert len(app.selectbox) == 2
     [error] = app.error
     assert "notes.jpg" in unescape(error.value) and "text file" in error.value
-    predicted = [box.value for box in app.selectbox]
-    corrected = "cat" if predicted[1] != "cat" else "dog"
-    app.selectbox[1].set_value(corrected)
+    predicted = {name: label_box(app, name).value for name in ("red.png", "blue.jpg")}
+    corrected = "cat" if predicted["blue.jpg"] != "cat" else "dog"
+    label_box(app, "blue.jpg").set_value(corrected)
     app.run()
     click(app, "Save 2 images")
     assert "Saved 2 images" in app.success[0].value
     saved = rows(db_path)
-    assert [(source, final) for source, _, final, _, _ in saved] == [("blue.jpg", corrected), ("red.png", predicted[0])]
+    assert [(source, final) for source, _, final, _, _ in saved] == [("blue.jpg", corrected),
+                                                                      ("red.png", predicted["red.png"])]
     assert [correct for *_, correct, _ in saved] == [0, 1]
     assert sorted(path.name for path in image_dir.iterdir()) == sorted(file for *_, file in saved)
     metrics = sidebar_metrics(app)
@@ -109,10 +117,10 @@ def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_l
     db_path, _ = store_env
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
-    predicted = app.selectbox[0].value
+    predicted = label_box(app, "red.png").value
     click(app, "Save")
     corrected = "truck" if predicted != "truck" else "ship"
-    app.selectbox[0].set_value(corrected)
+    label_box(app, "red.png").set_value(corrected)
     app.run()
     click(app, "Save")
     message = unescape(app.success[0].value)
@@ -121,8 +129,8 @@ def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_l
     assert sidebar_metrics(app)["Model accuracy"] == "50.0%"
     click(app, "Undo last change")
     assert "given back its old label" in unescape(app.info[0].value)
-    assert [(source, final) for source, _, final, _, _ in rows(db_path)] == [("blue.jpg", app.selectbox[1].value),
-                                                                          ("red.png", predicted)]
+    assert [(source, final) for source, _, final, _, _ in rows(db_path)] == [
+        ("blue.jpg", label_box(app, "blue.jpg").value), ("red.png", predicted)]
 
 
 def test_an_image_already_saved_says_so(store_env):
@@ -243,8 +251,8 @@ def test_hostile_file_names_are_shown_literally_and_not_used_on_disk(store_env, 
 def save_three(store_env) -> AppTest:
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
-    predicted = app.selectbox[0].value
-    app.selectbox[0].set_value("truck" if predicted != "truck" else "ship")
+    predicted = label_box(app, "red.png").value
+    label_box(app, "red.png").set_value("truck" if predicted != "truck" else "ship")
     app.run()
     click(app, "Save 3 images")
     return app
@@ -288,21 +296,55 @@ def test_undo_messages_show_a_crafted_name_literally(store_env):
 COLORS = [(250, 250, 250), (10, 10, 10), (200, 30, 30), (30, 160, 60), (40, 90, 220)]
 
 
-def fixed_predictions(monkeypatch, confidence_by_color: dict[tuple, float]) -> None:
-    """The model answers 'airplane' with a set confidence per picture (known by its colour), so what the page
-    does with confidences is tested on numbers chosen here, not on whatever the weights say."""
+def fixed_predictions(monkeypatch, confidence_by_color: dict[tuple, float], unknown: set = frozenset()) -> None:
+    """The model answers 'airplane' with a set confidence per picture (known by its colour), flagged as maybe none
+    of the ten for the colours in `unknown`: the page is tested on numbers chosen here, not on the weights."""
     from classifier import CLASSES, Classifier, Prediction
 
     def predict(self, images, top_k=3):
         predictions = []
         for image in images:
-            confidence = confidence_by_color[image.getpixel((1, 1))]
+            color = image.getpixel((1, 1))
+            confidence = confidence_by_color[color]
             probabilities = [confidence] + [(1 - confidence) / 9] * 9
             ranked = list(zip(CLASSES, probabilities))[:top_k]
-            predictions.append(Prediction("airplane", confidence, ranked, probabilities))
+            score = 0.5 if color in unknown else 0.01
+            predictions.append(Prediction("airplane", confidence, ranked, probabilities, score, color in unknown))
         return predictions
 
     monkeypatch.setattr(Classifier, "predict", predict)
+
+
+def test_maybe_none_of_these_is_shown_listed_first_saved_with_its_flag_or_skipped(store_env, monkeypatch):
+    db_path, _ = store_env
+    fixed_predictions(monkeypatch, dict(zip(COLORS, [0.97, 0.96, 0.95, 0.94, 0.93])), unknown={COLORS[2], COLORS[4]})
+    app = start_app()
+    files = [(f"{i}.png", image_bytes("PNG", size=(60, 40), color=color), "image/png") for i, color in enumerate(COLORS)]
+    upload(app, files, threshold=60)
+    shown = [unescape(c.value) for c in app.caption if unescape(c.value) in {name for name, _, _ in files}]
+    assert shown == ["2.png", "4.png", "0.png", "1.png", "3.png"]
+    assert len([m for m in app.markdown if "Maybe none of these classes" in m.value]) == 2
+    assert "2 as maybe none of these classes" in app.caption[1].value
+    label_box(app, "4.png").set_value("skip")
+    label_box(app, "2.png").set_value("frog")  # a person can still save a flagged image, with any label
+    app.run()
+    click(app, "Save 4 images")
+    assert "1 marked skip, not saved" in unescape(app.success[0].value)
+    with sqlite3.connect(db_path) as connection:
+        saved = connection.execute("SELECT source, final_label, is_ood, ood_score FROM predictions ORDER BY source").fetchall()
+    assert saved == [("0.png", "airplane", 0, 0.01), ("1.png", "airplane", 0, 0.01), ("2.png", "frog", 1, 0.5),
+                     ("3.png", "airplane", 0, 0.01)]
+    assert sidebar_metrics(app)["Model accuracy"] == "75.0%"  # the skipped one counts nowhere
+    app.segmented_control[0].set_value("Table")
+    app.run()
+    [table] = app.dataframe
+    assert list(table.value["flag"]) == ["maybe none of these classes"] * 2 + [""] * 3
+    assert list(table.value["label"]) == ["frog", "skip", "airplane", "airplane", "airplane"]
+    history = start_history()
+    history.toggle[1].set_value(True)
+    history.run()
+    assert "1 of 4 saved images match" in history.caption[0].value
+    assert "maybe none of these classes" in history.markdown[0].value
 
 
 def test_review_settings_persist_and_low_confidence_is_flagged_first(store_env, monkeypatch):

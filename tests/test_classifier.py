@@ -143,6 +143,87 @@ def test_command_line_reports_each_file_and_goes_on_after_a_bad_one(tmp_path):
     lines = run.stdout.strip().splitlines()
     assert run.returncode == 1 and len(lines) == 3
     assert lines[0].startswith(f"{bad}\tERROR\t") and "text file" in lines[0]
-    name, label, confidence = lines[1].split("\t")
+    name, label, confidence, *flag = lines[1].split("\t")
     assert name == str(good) and label in CLASSES and confidence.endswith("%")
+    assert flag in ([], ["maybe none of these classes"])
     assert lines[2].startswith(f"{tmp_path / 'gone.png'}\tERROR\t")
+
+
+# ---------------------------------------------------------------- calibration and "none of the ten"
+
+@pytest.fixture(scope="module")
+def test_sample():
+    """2,000 images of the CIFAR-10 test split (a fixed random sample), as uint8 tensors with their labels."""
+    import train
+    from conftest import cannot_run
+
+    if not train.SHARED_ARCHIVE.is_file():
+        cannot_run(f"CIFAR-10 archive not found at {train.SHARED_ARCHIVE}")
+    data = train.load_cifar10(str(train.SHARED_ARCHIVE))
+    chosen = torch.randperm(len(data["test_y"]), generator=torch.Generator().manual_seed(1))[:2000]
+    return data["test_x"][chosen], data["test_y"][chosen]
+
+
+def test_calibration_changes_no_label_and_keeps_probabilities_summing_to_one(classifier, test_sample):
+    images, _ = test_sample
+    logits, _ = classifier.outputs(images)
+    calibrated = classifier.probabilities(images)
+    assert torch.equal(calibrated.argmax(dim=1), logits.argmax(dim=1))
+    assert torch.allclose(calibrated.sum(dim=1), torch.ones(len(images)), atol=1e-5)
+    raw = logits.softmax(dim=1).max(dim=1).values.mean().item()
+    assert calibrated.max(dim=1).values.mean().item() > raw + 0.1  # label smoothing's timidity undone
+
+
+def test_confidence_means_what_it_says_on_test_images(classifier, test_sample):
+    """Of the predictions shown at 90% or more, about that share are right; the same below 90%."""
+    images, labels = test_sample
+    predictions = classifier.predict([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    confidence = torch.tensor([p.confidence for p in predictions])
+    correct = torch.tensor([CLASSES.index(p.label) for p in predictions]) == labels
+    for inside in (confidence >= 0.9, confidence < 0.9):
+        assert abs(correct[inside].float().mean() - confidence[inside].mean()) < 0.05
+
+
+def test_about_five_percent_of_test_images_are_flagged_none_of_the_ten(classifier, test_sample):
+    images, _ = test_sample
+    predictions = classifier.predict([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    flagged = sum(p.is_ood for p in predictions) / len(predictions)
+    assert 0.02 < flagged < 0.08, flagged
+    assert all((p.ood_score > classifier.novelty.threshold) == p.is_ood for p in predictions)
+
+
+def test_photos_of_other_animals_score_higher_than_cifar_images(classifier, test_sample):
+    from evaluate import auroc, not_cifar10_photos
+
+    others = not_cifar10_photos()
+    if others is None:
+        from conftest import cannot_run
+
+        cannot_run("../shared/data/not-cifar10-dev is missing")
+    other_scores = classifier.novelty.scores(classifier.outputs(others)[1])
+    test_scores = classifier.novelty.scores(classifier.outputs(test_sample[0])[1])
+    assert auroc(other_scores, test_scores) > 0.85
+
+
+def test_the_model_card_describes_the_shipped_weights():
+    import json
+
+    card = json.loads(classifier_module.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert card["weights_sha256"] == classifier_module.file_sha256(classifier_module.DEFAULT_WEIGHTS)
+    assert card["calibration"]["ece_after"] <= 0.02 < card["calibration"]["ece_before"]
+    assert card["novelty"]["test_flagged"] <= 0.05 and card["novelty"]["auroc_vs_photo_like_test_split"] >= 0.85
+    assert classifier_module.novelty_path(classifier_module.DEFAULT_WEIGHTS).stat().st_size < 8e6
+
+
+def test_a_corrupt_model_card_is_a_clear_error(tmp_path):
+    import shutil
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(classifier_module.DEFAULT_WEIGHTS, weights)
+    weights.with_suffix(".json").write_text('{"calibration": {"parameters": {"a": ')
+    with pytest.raises(WeightsError, match="model card .*model.json.* is unusable") as caught:
+        load_classifier(weights)
+    assert "evaluate.py" in str(caught.value)
+    weights.with_suffix(".json").write_text('{"novelty": {"threshold": 0.1}}')  # names a bank that is not there
+    with pytest.raises(WeightsError, match="novelty bank"):
+        load_classifier(weights)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import train
-from classifier import CLASSES, load_classifier
+import finetune
+from classifier import CLASSES, file_sha256, load_classifier
 
 
 def make_image_folder(root, per_class: int) -> None:
@@ -40,9 +41,14 @@ def test_train_resume_and_model_card(tmp_path):
     saved = json.loads((tmp_path / "model.json").read_text())
     assert saved["test_images"] == 40 and set(saved["per_class_accuracy_tta"]) == set(CLASSES)
     assert 0 <= saved["test_accuracy"] <= 1 and saved["epochs"] == 2 and saved["data"]["folder"]
+    assert saved["hyperparameters"]["label_smoothing"] == train.HYPERPARAMETERS["label_smoothing"]
+    assert saved["weights_sha256"] == file_sha256(tmp_path / "model.pt")
+    assert {"ece_before", "ece_after", "parameters"} <= set(saved["calibration"]) and saved["novelty"]["threshold"]
+    assert (tmp_path / "model.novelty.pt").is_file() and (tmp_path / "model.reliability.png").is_file()
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(value.dtype == torch.float16 for value in weights.values() if value.is_floating_point())
-    assert load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0].label in CLASSES
+    prediction = load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0]
+    assert prediction.label in CLASSES and prediction.ood_score >= 0
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
@@ -73,17 +79,16 @@ def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store
                                           CLASSES[i], "test") for i, data in enumerate(exported)])
     export = tmp_path / "export.zip"
     export.write_bytes(b"".join(store.iter_archive()))
-    x, y = train.load_export(export)
+    x, y = finetune.load_export(export)
     assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == list(range(6))
 
-    common = ["--data", str(tmp_path / "data"), "--finetune", str(export), "--batch-size", "16",
-              "--finetune-epochs", "1", "--finetune-mix", "1"]
+    common = [str(export), "--data", str(tmp_path / "data"), "--batch-size", "16", "--epochs", "1", "--mix", "1"]
     refused = tmp_path / "refused.pt"
-    assert train.finetune(train.parse_args(common + ["--out", str(refused), "--max-drop", "-1"])) is None
+    assert finetune.finetune(finetune.parse_args(common + ["--out", str(refused), "--max-drop", "-1"])) is None
     assert not refused.exists()
 
     accepted = tmp_path / "accepted.pt"
-    card = train.finetune(train.parse_args(common + ["--out", str(accepted), "--max-drop", "1"]))
+    card = finetune.finetune(finetune.parse_args(common + ["--out", str(accepted), "--max-drop", "1"]))
     assert accepted.exists() and card["finetuned_from"].startswith("resnet18_cifar10@") and card["finetune_images"] == 6
     assert load_classifier(accepted).version != load_classifier().version
 
@@ -94,3 +99,51 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(capsys):
         train.parse_args(["--device", "cuda"])
     assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
     assert train.parse_args([]).device == "cpu"
+
+
+def test_a_mistyped_data_path_is_an_error_not_a_download(tmp_path, capsys):
+    missing = tmp_path / "cifar-10-typo"
+    with pytest.raises(SystemExit, match="not a CIFAR-10 archive"):
+        train.load_cifar10(str(missing))
+    assert not missing.exists()  # nothing was downloaded into it
+
+
+def test_an_archive_without_train_and_test_is_a_clear_error(tmp_path, monkeypatch):
+    import tarfile
+
+    monkeypatch.setattr(train, "CACHE", tmp_path / "cache")
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "pictures" / "a.png")
+    with tarfile.open(tmp_path / "pictures.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "pictures", arcname="pictures")
+    with pytest.raises(SystemExit, match="has no train/ and test/ folders"):
+        train.load_cifar10(str(tmp_path / "pictures.tar.gz"))
+
+
+def test_a_stray_file_in_a_class_folder_is_skipped_with_a_warning(tmp_path):
+    make_image_folder(tmp_path / "data", per_class=1)
+    (tmp_path / "data" / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01binary junk")
+    (tmp_path / "data" / "train" / "dog" / "notes.txt").write_text("not a picture")
+    with pytest.warns(UserWarning, match="skipped .*notes.txt"):
+        data = train.load_cifar10(str(tmp_path / "data"))
+    assert len(data["train_y"]) == 10 and len(data["test_y"]) == 10
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", "--checkpoint", str(tmp_path / "none.pt")])
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_weights_are_replaced_atomically(tmp_path, monkeypatch):
+    """A save that dies half-way leaves the previous file as it was."""
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the previous weights")
+
+    def dies_half_way(path):
+        path.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomically(target, dies_half_way)
+    assert target.read_bytes() == b"the previous weights"
