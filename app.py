@@ -20,7 +20,7 @@ from starlette.routing import Route
 import charts
 from classifier import CLASSES, Classifier, Prediction, WeightsError, load_classifier
 from db import NewPrediction, Store, StoreError, Summary, admin_password_ok, configured_admin_password, open_store
-from display import CARD_SIZE, data_url, encode_image, escape_markdown
+from display import CARD_SIZE, THUMBNAIL_SIZE, data_url, encode_image, escape_markdown
 from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
                     fetch_image, read_image_input)
 
@@ -64,16 +64,17 @@ def get_classifier() -> Classifier:
 
 @dataclass(frozen=True)
 class Classified:
-    """One image on the page: what was read, what the model said, and its card picture (encoded once)."""
+    """One image on the page: what was read, what the model said, and its pictures (encoded once, on upload)."""
 
     image: ImageInput
     prediction: Prediction
-    card: bytes
+    card: bytes        # shown on its card and in the table
+    thumbnail: bytes   # saved with the record, for History
 
 
-def read_source(name: str, upload) -> tuple[ImageInput, bytes]:
+def read_source(name: str, upload) -> tuple[ImageInput, bytes, bytes]:
     image = read_image_input(upload.getvalue() if upload is not None else fetch_image(name), name)
-    return image, encode_image(image.image, CARD_SIZE)
+    return image, encode_image(image.image, CARD_SIZE), encode_image(image.image, THUMBNAIL_SIZE)
 
 
 def final_label(key: str, item: Classified) -> str:
@@ -88,14 +89,22 @@ def flag(prediction: Prediction, threshold: float) -> str:
     return LOW_CONFIDENCE_FLAG if prediction.confidence < threshold else ""
 
 
+def remember_choice(key: str, label: str) -> None:
+    """A label change reruns only the review; one to or from skip changes the Save button, so the whole page."""
+    state = st.session_state
+    if SKIP in (label, state.corrections.get(key)):
+        state.rerun_page = True
+    state.corrections[key] = label
+
+
 def remember_card_choice(key: str, widget_key: str) -> None:
-    st.session_state.corrections[key] = st.session_state[widget_key]
+    remember_choice(key, st.session_state[widget_key])
 
 
 def remember_table_edits(keys: list[str], widget_key: str) -> None:
     for row, change in st.session_state[widget_key]["edited_rows"].items():
         if change.get("label") in LABEL_CHOICES:
-            st.session_state.corrections[keys[row]] = change["label"]
+            remember_choice(keys[row], change["label"])
 
 
 def current_items() -> list[tuple[str, Classified]]:
@@ -119,7 +128,7 @@ def save_all(model_version: str) -> None:
                       source=item.image.source, predicted_label=item.prediction.label,
                       confidence=item.prediction.confidence, final_label=final_label(key, item),
                       model_version=model_version, is_ood=item.prediction.is_ood,
-                      ood_score=item.prediction.ood_score)
+                      ood_score=item.prediction.ood_score, thumbnail=item.thumbnail)
         for key, item in to_save(items)
     ]
     skipped = len(items) - len(predictions)
@@ -182,18 +191,20 @@ def clear_database() -> None:
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def sidebar_charts(store_id: str, revision: int, _store: Store) -> tuple[Summary, list[bytes]]:
-    """The saved feedback and its four figures as PNGs, drawn only when the store's revision changes."""
+def saved_summary(store_id: str, revision: int, _store: Store) -> tuple[Summary, list[bytes]]:
+    """The saved feedback and its two main figures as PNGs, made only when the store's revision changes."""
     summary = _store.summary()
     if not summary.total:
         return summary, []
-    figures = [
-        charts.class_distribution_figure(summary.class_counts),
-        charts.accuracy_figure(summary.correct, summary.incorrect),
-        charts.per_class_accuracy_figure(summary.confusion),
-        charts.confusion_matrix_figure(summary.confusion, "Saved feedback: final vs predicted"),
-    ]
-    return summary, [charts.to_png(figure) for figure in figures]
+    return summary, [charts.to_png(charts.class_distribution_figure(summary.class_counts)),
+                     charts.to_png(charts.accuracy_figure(summary.correct, summary.incorrect))]
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def insight_charts(store_id: str, revision: int, _summary: Summary) -> list[bytes]:
+    """Per-class accuracy and the confusion matrix: drawn only while someone looks at them (and cached)."""
+    return [charts.to_png(charts.per_class_accuracy_figure(_summary.confusion)),
+            charts.to_png(charts.confusion_matrix_figure(_summary.confusion, "Saved feedback: final vs predicted"))]
 
 
 def saved_feedback_sidebar() -> None:
@@ -201,7 +212,8 @@ def saved_feedback_sidebar() -> None:
     st.header("Saved feedback")
     try:
         store = open_store()
-        summary, pictures = sidebar_charts(store.store_id, store.revision(), store)
+        revision = store.revision()
+        summary, pictures = saved_summary(store.store_id, revision, store)
     except StoreError as error:
         st.error(escape_markdown(str(error)), icon=":material/database:")
         return
@@ -211,9 +223,10 @@ def saved_feedback_sidebar() -> None:
     if pictures:
         st.image(pictures[0], width="stretch")
         st.image(pictures[1], width="stretch")
-        with st.expander("Where the model goes wrong"):
-            st.image(pictures[2], width="stretch")
-            st.image(pictures[3], width="stretch")
+        if st.toggle("Where the model goes wrong", key="show_insights",
+                     help="Accuracy per class and the confusion matrix of the saved feedback."):
+            for picture in insight_charts(store.store_id, revision, summary):
+                st.image(picture, width="stretch")
     else:
         st.info("Nothing saved yet. Classify some images and click **Save** to see charts here.")
 
@@ -262,9 +275,9 @@ def read_and_classify(sources: list[tuple[str, str, object]], classifier: Classi
     progress.empty()
     if decoded:
         with st.spinner(f"Classifying {len(decoded)} image(s)..."):
-            predictions = classifier.predict([image.image for image, _ in decoded.values()])
-        for (key, (image, card)), prediction in zip(decoded.items(), predictions):
-            state.results[key] = Classified(image, prediction, card)
+            predictions = classifier.predict([image.image for image, _, _ in decoded.values()])
+        for (key, (image, card, thumbnail)), prediction in zip(decoded.items(), predictions):
+            state.results[key] = Classified(image, prediction, card, thumbnail)
     state.results = {key: state.results[key] for key, _, _ in sources}
 
 
@@ -283,7 +296,7 @@ def show_messages() -> None:
 
 
 @st.fragment
-def review(model_version: str) -> None:
+def review() -> None:
     """The classified images, their labels and the actions on them. A label change reruns only this part."""
     state = st.session_state
     items = current_items()
@@ -316,20 +329,22 @@ def review(model_version: str) -> None:
             review_table(items, threshold, seen)
         else:
             review_cards(items, threshold, seen)
+    if state.pop("rerun_page", False):
+        st.rerun(scope="app")  # the Save button's count changed
 
-    # Each action changes more than this fragment (the sidebar, the inputs): it reruns the whole page.
+
+def actions(model_version: str) -> None:
+    """Save, undo and clear: each changes more than the review (the sidebar, the inputs), so the whole page
+    reruns, once, after the callback."""
+    state = st.session_state
+    saving = len(to_save(current_items()))
     with st.container(horizontal=True):
-        saving = len(to_save(items))
-        if st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving):
-            save_all(model_version)
-            st.rerun()
-        if state.undo is not None and st.button("Undo last change",
-                                                help=f"Take back the {escape_markdown(state.undo.description)}."):
-            undo_last()
-            st.rerun()
-        if st.button("Clear all", help="Empty the page. Saved images stay in the database."):
-            clear_all()
-            st.rerun()
+        st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving, on_click=save_all,
+                  args=(model_version,))
+        if state.undo is not None:
+            st.button("Undo last change", on_click=undo_last,
+                      help=f"Take back the {escape_markdown(state.undo.description)}.")
+        st.button("Clear all", on_click=clear_all, help="Empty the page. Saved images stay in the database.")
 
 
 def review_table(items: list[tuple[str, Classified]], threshold: float, seen: dict) -> None:
@@ -406,7 +421,8 @@ def classify_page() -> None:
     st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")
     read_and_classify(input_sources(), classifier)
     show_messages()
-    review(classifier.version)
+    review()
+    actions(classifier.version)
 
 
 # ---------------------------------------------------------------- navigation (each browser session)

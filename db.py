@@ -112,6 +112,11 @@ MIGRATIONS = (
     ALTER TABLE predictions ADD COLUMN is_ood INTEGER NOT NULL DEFAULT 0 CHECK (is_ood IN (0, 1));
     ALTER TABLE predictions ADD COLUMN ood_score DOUBLE PRECISION;
     """,
+    # A small JPEG of each image, so History shows a page of them from one query, whatever the image store
+    # (BYTEA: PostgreSQL's bytes; SQLite stores bytes as they are under any type name). Older records have none.
+    """
+    ALTER TABLE predictions ADD COLUMN thumbnail BYTEA;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -144,6 +149,7 @@ class NewPrediction:
     model_version: str
     is_ood: bool = False
     ood_score: float | None = None
+    thumbnail: bytes | None = None    # display.THUMBNAIL_SIZE JPEG; History makes one from the image when absent
 
 
 @dataclass(frozen=True)
@@ -738,6 +744,15 @@ class Store:
     def image_bytes(self, record: SavedPrediction) -> bytes:
         return self.images.get(record.image_file)
 
+    def thumbnails(self, records: Sequence[SavedPrediction]) -> dict[int, bytes]:
+        """The stored small JPEGs of these records (one query; records saved before there were none are absent)."""
+        if not records:
+            return {}
+        with self.database.transaction(write=False) as cursor:
+            rows = cursor.rows(f"SELECT id, thumbnail FROM predictions WHERE id IN ({placeholders(len(records))}) "
+                               "AND thumbnail IS NOT NULL", [record.id for record in records])
+        return {row["id"]: bytes(row["thumbnail"]) for row in rows}
+
     def _image_or_nothing(self, record: SavedPrediction) -> bytes:
         try:
             return self.images.get(record.image_file)
@@ -772,11 +787,10 @@ class Store:
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             rows = [_row(prediction, now) for prediction in new]
             created = [(record_id, 0) for record_id in _insert(cursor, rows)]
-            for digest, prediction in latest.items():
-                record = saved.get(digest)
-                if record is not None and record.final_label != prediction.final_label:
-                    relabelled.append((record.id, record.edits + 1, record.final_label))
-                    _relabel(cursor, record.id, prediction.final_label, record.predicted_label)
+            changes = [(saved[digest], prediction.final_label) for digest, prediction in latest.items()
+                       if digest in saved and saved[digest].final_label != prediction.final_label]
+            _relabel(cursor, changes)
+            relabelled = [(record.id, record.edits + 1, record.final_label) for record, _ in changes]
             if created or relabelled:
                 _bump_revision(cursor)
         changed = len(created) + len(relabelled)
@@ -822,7 +836,7 @@ class Store:
                 elif now[0].edits != edits:
                     changed_since += 1
                 else:
-                    _relabel(cursor, record_id, previous, now[0].predicted_label)
+                    _relabel(cursor, [(now[0], previous)])
                     relabelled += 1
             back = [item for item in change.deleted if item.data and not _by_hash(cursor, [item.record.content_hash])]
             self.images.put_many([(item.record.image_file, item.data) for item in back])
@@ -928,9 +942,14 @@ class Store:
                 with self.database.transaction(write=True) as cursor:
                     saved = {record.content_hash for record in _by_hash(cursor, [e.content_hash for e in batch])}
                     new = [entry for entry in batch if entry.content_hash not in saved]
-                    self.images.put_many([(image_name(entry.content_hash, entry.extension), archive.read(entry.member))
-                                          for entry in new])
-                    created += len(_insert(cursor, [_row(entry.prediction(), entry.created_at) for entry in new]))
+                    blobs = [archive.read(entry.member) for entry in new]
+                    self.images.put_many([(image_name(entry.content_hash, entry.extension), data)
+                                          for entry, data in zip(new, blobs)])
+                    with ThreadPoolExecutor(IMAGE_THREADS) as pool:
+                        thumbnails = list(pool.map(_thumbnail, blobs, [entry.member for entry in new]))
+                    created += len(_insert(cursor, [_row(replace(entry.prediction(), thumbnail=thumbnail),
+                                                         entry.created_at)
+                                                    for entry, thumbnail in zip(new, thumbnails)]))
                     if new:
                         _bump_revision(cursor)
                 done += len(batch)
@@ -1002,6 +1021,7 @@ def _row(prediction: NewPrediction, created_at: str) -> dict:
         "is_correct": int(prediction.final_label == prediction.predicted_label), "created_at": created_at,
         "model_version": prediction.model_version, "edits": 0, "is_ood": int(prediction.is_ood),
         "ood_score": None if prediction.ood_score is None else float(prediction.ood_score),
+        "thumbnail": prediction.thumbnail,
     }
 
 
@@ -1014,12 +1034,13 @@ def _insert(cursor: Cursor, rows: Sequence[dict]) -> list[int]:
                       (missing,))["last_id"] if missing else 0
     new_ids = iter(range(last - missing + 1, last + 1))
     rows = [row if "id" in row else {"id": next(new_ids), **row} for row in rows]
+    columns = (*COLUMNS, "thumbnail")
     for start in range(0, len(rows), BATCH):
         chunk = rows[start:start + BATCH]
-        values = ", ".join(f"({placeholders(len(COLUMNS))})" for _ in chunk)
-        cursor.execute(f"INSERT INTO predictions ({', '.join(COLUMNS)}) VALUES {values}",
-                       [int(row[column]) if isinstance(row[column], bool) else row[column]
-                        for row in chunk for column in COLUMNS])
+        values = ", ".join(f"({placeholders(len(columns))})" for _ in chunk)
+        cursor.execute(f"INSERT INTO predictions ({', '.join(columns)}) VALUES {values}",
+                       [int(value) if isinstance(value, bool) else value
+                        for row in chunk for value in (row.get(column) for column in columns)])
     return [row["id"] for row in rows]
 
 
@@ -1036,9 +1057,10 @@ def _batches(entries: Sequence[ArchiveEntry], max_bytes: int = 64 << 20) -> Iter
         yield batch
 
 
-def _relabel(cursor: Cursor, record_id: int, final_label: str, predicted_label: str) -> None:
-    cursor.execute("UPDATE predictions SET final_label = ?, is_correct = ?, edits = edits + 1 WHERE id = ?",
-                   (final_label, int(final_label == predicted_label), record_id))
+def _relabel(cursor: Cursor, changes: Sequence[tuple[SavedPrediction, str]]) -> None:
+    """Give records new final labels, in one batch (one round trip on PostgreSQL's pipeline)."""
+    cursor.execute_many("UPDATE predictions SET final_label = ?, is_correct = ?, edits = edits + 1 WHERE id = ?",
+                        [(label, int(label == record.predicted_label), record.id) for record, label in changes])
 
 
 def _bump_revision(cursor: Cursor) -> None:
@@ -1163,6 +1185,13 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
         if waiting:
             predict_waiting()
         return entries
+
+
+def _thumbnail(data: bytes, name: str) -> bytes:
+    from display import THUMBNAIL_SIZE, encode_image
+    from inputs import load_image
+
+    return encode_image(load_image(data, name), THUMBNAIL_SIZE)
 
 
 def _label_of(member: str) -> str:

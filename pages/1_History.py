@@ -21,8 +21,9 @@ state.setdefault("history_page", 1)
 
 
 @st.cache_data(max_entries=2000, show_spinner=False)
-def thumbnail(content_hash: str, _store: Store, _record: SavedPrediction) -> bytes | None:
-    """A small JPEG of a saved image, made once per picture (named by its hash) and reused on every page."""
+def thumbnail_from_image(content_hash: str, _store: Store, _record: SavedPrediction) -> bytes | None:
+    """For records saved before thumbnails were stored: made from the image once per picture (named by its
+    hash), then reused."""
     try:
         return encode_image(load_image(_store.image_bytes(_record), _record.source), THUMBNAIL_SIZE)
     except (StoreError, InvalidImageError):
@@ -107,10 +108,12 @@ with st.container(horizontal=True):
     st.button("Previous page", disabled=page == 1, on_click=turn_page, args=(-1,))
     st.button("Next page", disabled=page == pages, on_click=turn_page, args=(1,))
 
-for record in store.list_predictions(record_filter, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE):
+records = store.list_predictions(record_filter, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+thumbnails = store.thumbnails(records)
+for record in records:
     image_column, details_column, action_column = st.columns([1, 5, 1])
     with image_column:
-        picture = thumbnail(record.content_hash, store, record)
+        picture = thumbnails.get(record.id) or thumbnail_from_image(record.content_hash, store, record)
         if picture is not None:
             st.image(picture, width=THUMBNAIL_SIZE)
         else:

@@ -87,7 +87,10 @@ def test_upload_correct_and_save(store_env):
     assert sorted(path.name for path in image_dir.iterdir()) == sorted(file for *_, file in saved)
     metrics = sidebar_metrics(app)
     assert metrics["Saved images"] == "2" and metrics["Model accuracy"] == "50.0%"
-    assert len(app.sidebar.get("image")) == 4  # distribution and accuracy, plus the two in the insight expander
+    assert len(app.sidebar.get("image")) == 2  # class distribution and accuracy
+    app.sidebar.toggle[0].set_value(True)  # "Where the model goes wrong": per class, and the confusion matrix
+    app.run()
+    assert len(app.sidebar.get("image")) == 4
 
 
 def test_two_files_with_the_same_name_keep_their_own_corrections(store_env):
