@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import hmac
 import io
 import os
 import re
-import shutil
 import sqlite3
 import sys
 import tempfile
@@ -37,7 +35,7 @@ import uuid
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
@@ -295,7 +293,8 @@ class SQLiteDatabase:
         with self.transaction(write=True) as cursor:
             version = cursor.one("PRAGMA user_version")[0]
             reached = run(cursor, version)
-            cursor.execute(f"PRAGMA user_version = {int(reached)}")
+            if reached != version:
+                cursor.execute(f"PRAGMA user_version = {int(reached)}")
         return reached
 
     @contextmanager
@@ -348,9 +347,11 @@ class PostgresDatabase:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
             cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = cursor.one("SELECT version FROM schema_version")
-            reached = run(cursor, row["version"] if row else 0)
-            cursor.execute("DELETE FROM schema_version")
-            cursor.execute("INSERT INTO schema_version (version) VALUES (%s)", (reached,))
+            version = row["version"] if row else 0
+            reached = run(cursor, version)
+            if reached != version:
+                cursor.execute("DELETE FROM schema_version")
+                cursor.execute("INSERT INTO schema_version (version) VALUES (%s)", (reached,))
         return reached
 
     @contextmanager

@@ -20,12 +20,11 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from classifier import CLASSES, Calibration, Classifier, build_model, file_sha256, novelty_path, to_uint8_batch
+from classifier import CLASSES, Calibration, Classifier, file_sha256, novelty_path, to_uint8_batch
 
 # ---------------------------------------------------------------- settings
 CALIBRATION_SEED = 0       # which half of the test split fits the calibration; the other half measures it
