@@ -941,14 +941,15 @@ class Store:
         with zipfile.ZipFile(path) as archive:
             for batch in _batches(entries):
                 with self.database.transaction(write=True) as cursor:
-                    saved = {record.content_hash for record in _by_hash(cursor, [e.content_hash for e in batch])}
-                    new = [entry for entry in batch if entry.content_hash not in saved]
+                    hashes = [entry.prediction.content_hash for entry in batch]
+                    saved = {record.content_hash for record in _by_hash(cursor, hashes)}
+                    new = [entry for entry in batch if entry.prediction.content_hash not in saved]
                     blobs = [archive.read(entry.member) for entry in new]
-                    self.images.put_many([(image_name(entry.content_hash, entry.extension), data)
+                    self.images.put_many([(image_name(entry.prediction.content_hash, entry.prediction.extension), data)
                                           for entry, data in zip(new, blobs)])
                     with ThreadPoolExecutor(IMAGE_THREADS) as pool:
                         thumbnails = list(pool.map(_thumbnail, blobs, [entry.member for entry in new]))
-                    created += len(_insert(cursor, [_row(replace(entry.prediction(), thumbnail=thumbnail),
+                    created += len(_insert(cursor, [_row(replace(entry.prediction, thumbnail=thumbnail),
                                                          entry.created_at)
                                                     for entry, thumbnail in zip(new, thumbnails)]))
                     if new:
@@ -1045,19 +1046,6 @@ def _insert(cursor: Cursor, rows: Sequence[dict]) -> list[int]:
     return [row["id"] for row in rows]
 
 
-def _batches(entries: Sequence[ArchiveEntry], max_bytes: int = 64 << 20) -> Iterator[list[ArchiveEntry]]:
-    """Runs of at most BATCH entries and max_bytes of image data: one lock and one round trip per run."""
-    batch, size = [], 0
-    for entry in entries:
-        if batch and (len(batch) == BATCH or size + entry.size > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(entry)
-        size += entry.size
-    if batch:
-        yield batch
-
-
 def _relabel(cursor: Cursor, changes: Sequence[tuple[SavedPrediction, str]]) -> None:
     """Give records new final labels, in one batch (one round trip on PostgreSQL's pipeline)."""
     cursor.execute_many("UPDATE predictions SET final_label = ?, is_correct = ?, edits = edits + 1 WHERE id = ?",
@@ -1113,24 +1101,26 @@ class _Sink(io.RawIOBase):
 
 @dataclass(frozen=True)
 class ArchiveEntry:
-    """One checked image of an archive: where it is, how big, and the record it becomes."""
+    """One checked image of an archive: where it is, how big, when it was saved, and the record it becomes
+    (its bytes are read from the archive again when it is saved)."""
 
     member: str
     size: int
-    content_hash: str
-    extension: str
-    source: str
-    predicted_label: str
-    confidence: float
-    final_label: str
-    model_version: str
     created_at: str
-    is_ood: bool = False
-    ood_score: float | None = None
+    prediction: NewPrediction
 
-    def prediction(self) -> NewPrediction:
-        return NewPrediction(self.content_hash, b"", self.extension, self.source, self.predicted_label,
-                             self.confidence, self.final_label, self.model_version, self.is_ood, self.ood_score)
+
+def _batches(entries: Sequence[ArchiveEntry], max_bytes: int = 64 << 20) -> Iterator[list[ArchiveEntry]]:
+    """Runs of at most BATCH entries and max_bytes of image data: one lock and one round trip per run."""
+    batch, size = [], 0
+    for entry in entries:
+        if batch and (len(batch) == BATCH or size + entry.size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(entry)
+        size += entry.size
+    if batch:
+        yield batch
 
 
 Predict = Callable[[list], tuple[list, str]]  # images -> (predictions, model version)
@@ -1157,10 +1147,10 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
 
         def predict_waiting() -> None:
             predictions, version = predict([item.image for _, item in waiting])
-            entries.extend(ArchiveEntry(name, members[name].file_size, item.content_hash, item.extension, name,
-                                        prediction.label, prediction.confidence, _label_of(name), version, now,
-                                        prediction.is_ood, prediction.ood_score)
-                           for (name, item), prediction in zip(waiting, predictions))
+            entries.extend(ArchiveEntry(name, members[name].file_size, now, NewPrediction(
+                item.content_hash, b"", item.extension, name, prediction.label, prediction.confidence,
+                _label_of(name), version, prediction.is_ood, prediction.ood_score))
+                for (name, item), prediction in zip(waiting, predictions))
             waiting.clear()
 
         for name, info in members.items():
@@ -1179,10 +1169,10 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
             line, row = manifest[name]
             if row.get("content_hash") and row["content_hash"] != item.content_hash:
                 raise ArchiveError(f"{path}: labels.csv line {line}: content_hash does not match {name!r}.")
-            entries.append(ArchiveEntry(name, info.file_size, item.content_hash, item.extension,
-                                        row.get("source") or name, row["predicted_label"], row["confidence"],
-                                        row["final_label"], row.get("model_version") or "unknown",
-                                        row.get("created_at") or now, row["is_ood"], row["ood_score"]))
+            entries.append(ArchiveEntry(name, info.file_size, row.get("created_at") or now, NewPrediction(
+                item.content_hash, b"", item.extension, row.get("source") or name, row["predicted_label"],
+                row["confidence"], row["final_label"], row.get("model_version") or "unknown", row["is_ood"],
+                row["ood_score"])))
         if waiting:
             predict_waiting()
         return entries
