@@ -38,10 +38,14 @@ NOT_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "not-
 # ---------------------------------------------------------------- accuracy
 
 def evaluate(model: Classifier | nn.Module, images: torch.Tensor, labels: torch.Tensor, tta: bool = True) -> dict:
-    """Accuracy, per-class accuracy and confusion matrix (rows true, columns predicted) on uint8 images; the one
-    evaluation used by training, fine-tuning and this script."""
+    """Accuracy, per-class accuracy and confusion matrix on uint8 images: the one evaluation used by training,
+    fine-tuning and this script."""
     classifier = model if isinstance(model, Classifier) else Classifier(model, version="evaluation")
-    predicted = classifier.outputs(images, tta=tta)[0].argmax(dim=1)
+    return accuracy_report(classifier.outputs(images, tta=tta)[0].argmax(dim=1), labels)
+
+
+def accuracy_report(predicted: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows true, columns predicted) of predicted labels."""
     matrix = torch.zeros((len(CLASSES), len(CLASSES)), dtype=torch.long)
     matrix.index_put_((labels.long(), predicted), torch.ones_like(predicted), accumulate=True)
     correct = matrix.diagonal()
@@ -176,7 +180,7 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
     test_x, test_y = data["test_x"], data["test_y"]
     plain = evaluate(raw, test_x, test_y, tta=False)
     logits, features = raw.outputs(test_x)
-    result = evaluate(raw, test_x, test_y)
+    result = accuracy_report(logits.argmax(dim=1), test_y)
     stem = weights.with_suffix("")
     confusion_matrix_figure(result["confusion_matrix"], f"CIFAR-10 test split, accuracy {result['accuracy']:.2%}") \
         .savefig(stem.with_name(stem.name + ".confusion.png"), dpi=120)
