@@ -70,15 +70,20 @@ def s3_server():
     yield from _serve(SeaweedServer)
 
 
+def use_store(monkeypatch, env: dict[str, str]) -> None:
+    """Point the app at exactly this store: these variables set, every other store variable unset."""
+    for variable in STORE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+
+
 class Backend:
     """The environment of one fresh store, and ways to look at it from outside the app."""
 
     def __init__(self, name: str, env: dict[str, str], monkeypatch) -> None:
         self.name, self.env = name, env
-        for variable in STORE_VARIABLES:
-            monkeypatch.delenv(variable, raising=False)
-        for variable, value in env.items():
-            monkeypatch.setenv(variable, value)
+        use_store(monkeypatch, env)
         self._stores = []
 
     def store(self):

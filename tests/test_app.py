@@ -501,17 +501,14 @@ def test_upload_limit_in_config_matches_the_server_check():
 def test_a_database_that_is_down_keeps_the_page_working_and_save_retries_once_it_is_back(monkeypatch, s3_server):
     """The page says which store failed and what to check; nothing is saved; the labels stay on the page, and
     the same Save works once the database is back."""
-    from conftest import STORE_VARIABLES
+    from conftest import use_store
     from servers import PostgresServer
 
     postgres = PostgresServer()
     try:
-        for variable in STORE_VARIABLES:
-            monkeypatch.delenv(variable, raising=False)
         url = postgres.database("app_down")
-        for variable, value in {"CIFAR10_DATABASE_URL": url, "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-down",
-                                **s3_server.env()}.items():
-            monkeypatch.setenv(variable, value)
+        use_store(monkeypatch, {"CIFAR10_DATABASE_URL": url, "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-down",
+                                **s3_server.env()})
         postgres.stop()
         app = start_app()
         sidebar_error = app.sidebar.error[0].value
@@ -535,14 +532,11 @@ def test_a_database_that_is_down_keeps_the_page_working_and_save_retries_once_it
 
 
 def test_wrong_object_store_credentials_are_named_on_the_page(monkeypatch, postgres_server, s3_server):
-    from conftest import STORE_VARIABLES
+    from conftest import use_store
 
-    for variable in STORE_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in {"CIFAR10_DATABASE_URL": postgres_server.database("app_creds"),
+    use_store(monkeypatch, {"CIFAR10_DATABASE_URL": postgres_server.database("app_creds"),
                             "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-creds",
-                            **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}.items():
-        monkeypatch.setenv(variable, value)
+                            **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
     app = start_app()
     message = unescape(app.sidebar.error[0].value)
     assert "object store s3://cifar10-tests/app-creds" in message and "AWS_SECRET_ACCESS_KEY" in message

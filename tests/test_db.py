@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import db
-from conftest import ROOT
+from conftest import ROOT, use_store
 from db import NewPrediction, RecordFilter, Store, StoreError
 
 
@@ -393,10 +393,7 @@ def test_object_store_stopped_during_a_save_then_restarted(request, monkeypatch)
         postgres = request.getfixturevalue("postgres_server")
         env = {"CIFAR10_DATABASE_URL": postgres.database("stopped_s3"), "CIFAR10_IMAGE_STORE": "s3://cifar10-stop/x",
                **s3.env()}
-        for variable in db_variables():
-            monkeypatch.delenv(variable, raising=False)
-        for variable, value in env.items():
-            monkeypatch.setenv(variable, value)
+        use_store(monkeypatch, env)
         store = Store.from_env()
         store.save_predictions([prediction("before")])
         s3.stop()
@@ -419,11 +416,8 @@ def test_database_stopped_then_restarted(request, monkeypatch):
     postgres = PostgresServer()
     try:
         s3 = request.getfixturevalue("s3_server")
-        for variable in db_variables():
-            monkeypatch.delenv(variable, raising=False)
-        for variable, value in {"CIFAR10_DATABASE_URL": postgres.database("restart"),
-                                "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/restart", **s3.env()}.items():
-            monkeypatch.setenv(variable, value)
+        use_store(monkeypatch, {"CIFAR10_DATABASE_URL": postgres.database("restart"),
+                                "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/restart", **s3.env()})
         store = Store.from_env()
         store.save_predictions([prediction("before")])
         postgres.stop()
@@ -438,19 +432,10 @@ def test_database_stopped_then_restarted(request, monkeypatch):
         postgres.close()
 
 
-def db_variables() -> tuple[str, ...]:
-    from conftest import STORE_VARIABLES
-
-    return STORE_VARIABLES
-
-
 def test_wrong_credentials_and_unreachable_servers_say_which_and_what_to_check(postgres_server, s3_server,
                                                                                monkeypatch, tmp_path):
     def opening(**env) -> str:
-        for variable in db_variables():
-            monkeypatch.delenv(variable, raising=False)
-        for variable, value in env.items():
-            monkeypatch.setenv(variable, value)
+        use_store(monkeypatch, env)
         with pytest.raises(StoreError) as caught:
             Store.from_env().close()
         return str(caught.value)
