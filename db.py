@@ -936,6 +936,8 @@ class Store:
         """Restore an export (or a plain ImageFolder ZIP: folder name = final label, `predict` supplies the rest).
         The whole archive is checked before anything is written; then it is saved in batches, each under the
         write lock. Pictures already saved are left as they are, so importing twice changes nothing."""
+        from display import thumbnail
+
         entries = read_archive(path, predict)
         created = done = 0
         with zipfile.ZipFile(path) as archive:
@@ -948,7 +950,7 @@ class Store:
                     self.images.put_many([(image_name(entry.prediction.content_hash, entry.prediction.extension), data)
                                           for entry, data in zip(new, blobs)])
                     with ThreadPoolExecutor(IMAGE_THREADS) as pool:
-                        thumbnails = list(pool.map(_thumbnail, blobs, [entry.member for entry in new]))
+                        thumbnails = list(pool.map(thumbnail, blobs, [entry.member for entry in new]))
                     created += len(_insert(cursor, [_row(replace(entry.prediction, thumbnail=thumbnail),
                                                          entry.created_at)
                                                     for entry, thumbnail in zip(new, thumbnails)]))
@@ -1176,13 +1178,6 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> list[Archi
         if waiting:
             predict_waiting()
         return entries
-
-
-def _thumbnail(data: bytes, name: str) -> bytes:
-    from display import THUMBNAIL_SIZE, encode_image
-    from inputs import load_image
-
-    return encode_image(load_image(data, name), THUMBNAIL_SIZE)
 
 
 def _label_of(member: str) -> str:

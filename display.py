@@ -29,6 +29,13 @@ def encode_image(image: Image.Image, size: int) -> bytes:
     return buffer.getvalue()
 
 
+def thumbnail(data: bytes, name: str) -> bytes:
+    """History's small JPEG of a saved image's bytes (checked and decoded as any upload is)."""
+    from inputs import load_image
+
+    return encode_image(load_image(data, name), THUMBNAIL_SIZE)
+
+
 def data_url(jpeg: bytes) -> str:
     """Encoded image bytes as a data: URL, for table cells that take an image address."""
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

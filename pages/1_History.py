@@ -9,8 +9,8 @@ import streamlit as st
 
 from classifier import CLASSES
 from db import RecordFilter, SavedPrediction, Store, StoreError, admin_password_ok, configured_admin_password, open_store
-from display import THUMBNAIL_SIZE, encode_image, escape_markdown
-from inputs import InvalidImageError, load_image
+from display import THUMBNAIL_SIZE, escape_markdown, thumbnail
+from inputs import InvalidImageError
 
 PAGE_SIZE = 50
 
@@ -25,7 +25,7 @@ def thumbnail_from_image(content_hash: str, _store: Store, _record: SavedPredict
     """For records saved before thumbnails were stored: made from the image once per picture (named by its
     hash), then reused."""
     try:
-        return encode_image(load_image(_store.image_bytes(_record), _record.source), THUMBNAIL_SIZE)
+        return thumbnail(_store.image_bytes(_record), _record.source)
     except (StoreError, InvalidImageError):
         return None
 

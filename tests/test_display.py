@@ -29,3 +29,12 @@ def test_data_url_round_trips():
     jpeg = encode_image(Image.new("RGB", (30, 30), (255, 0, 0)), 30)
     url = data_url(jpeg)
     assert url.startswith("data:image/jpeg;base64,") and base64.b64decode(url.split(",", 1)[1]) == jpeg
+
+
+def test_thumbnail_of_saved_bytes_is_a_small_jpeg():
+    from display import THUMBNAIL_SIZE, thumbnail
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 320), (200, 30, 30)).save(buffer, "PNG")
+    small = Image.open(io.BytesIO(thumbnail(buffer.getvalue(), "photo.png")))
+    assert small.format == "JPEG" and small.size == (THUMBNAIL_SIZE, THUMBNAIL_SIZE // 2)
