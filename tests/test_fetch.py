@@ -124,7 +124,7 @@ def test_slow_drip_hits_the_total_deadline(local_server, allow_loopback_urls):
     local_server.routes["/drip.png"] = Route(body=PNG, drip_delay=0.05)  # each read is quick, the whole is not
     started = time.monotonic()
     assert "took longer than 1 s in all" in refused(local_server.url("/drip.png"), deadline_s=1.0)
-    assert time.monotonic() - started < 1.3
+    assert time.monotonic() - started < 1.8  # near the deadline; the whole drip takes seconds
 
 
 def test_one_deadline_covers_every_redirect_hop(local_server, allow_loopback_urls):
@@ -134,7 +134,7 @@ def test_one_deadline_covers_every_redirect_hop(local_server, allow_loopback_url
     local_server.routes["/r5"] = Route(body=PNG)
     started = time.monotonic()
     assert "took longer than 1 s in all" in refused(local_server.url("/r0"), deadline_s=1.0)
-    assert time.monotonic() - started < 1.3
+    assert time.monotonic() - started < 1.8  # near the deadline; the hops alone take 2 s
     assert fetch_image(local_server.url("/r0"), deadline_s=5.0) == PNG  # with the time it needs, it arrives
 
 
@@ -155,7 +155,7 @@ def test_connect_timeout(allow_loopback_urls, monkeypatch):
         time.sleep(0.2)
         started = time.monotonic()
         assert "did not answer in time (ConnectTimeout)" in refused(f"http://127.0.0.1:{port}/slow.png")
-        assert 0.9 < time.monotonic() - started < 1.5
+        assert 0.9 < time.monotonic() - started < 1.9
     finally:
         for filler in fillers:
             filler.close()
