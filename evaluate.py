@@ -59,16 +59,25 @@ def accuracy_report(predicted: torch.Tensor, labels: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------- calibration
 
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+def calibration_bins(probabilities: torch.Tensor, labels: torch.Tensor,
+                     bins: int = ECE_BINS) -> list[tuple[float, float, float]]:
+    """(share of the images, mean confidence, share correct) of each non-empty equal-width confidence bin
+    (low, high]: what the calibration error sums and the reliability diagram draws."""
     confidence, predicted = probabilities.max(dim=1)
     correct = (predicted == labels).float()
-    error = 0.0
     edges = torch.linspace(0, 1, bins + 1)
+    measured = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
-    return error
+            measured.append((inside.float().mean().item(), confidence[inside].mean().item(),
+                             correct[inside].mean().item()))
+    return measured
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    return sum(share * abs(accuracy - confidence)
+               for share, confidence, accuracy in calibration_bins(probabilities, labels, bins))
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
@@ -99,11 +108,8 @@ def reliability_figure(before: torch.Tensor, after: torch.Tensor, labels: torch.
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
     for probabilities, name in ((before, "before"), (after, "after")):
-        confidence, predicted = probabilities.max(dim=1)
-        correct = (predicted == labels).float()
-        bins = (confidence * ECE_BINS).clamp(max=ECE_BINS - 1e-6).long()
-        used = [b for b in range(ECE_BINS) if (bins == b).any()]
-        axes.plot([confidence[bins == b].mean().item() for b in used], [correct[bins == b].mean().item() for b in used],
+        measured = calibration_bins(probabilities, labels)
+        axes.plot([confidence for _, confidence, _ in measured], [accuracy for _, _, accuracy in measured],
                   marker="o", label=f"{name}: ECE {expected_calibration_error(probabilities, labels):.1%}")
     axes.set_xlabel("confidence shown")
     axes.set_ylabel("share correct")
