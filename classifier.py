@@ -221,7 +221,7 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
     card_path = path.with_suffix(".json")
     try:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        calibration = Calibration(**{**card.get("calibration", {}).get("parameters", {})})
+        calibration = Calibration(**card.get("calibration", {}).get("parameters", {}))
         novelty = None
         if "novelty" in card:
             bank = torch.load(novelty_path(path), map_location="cpu", weights_only=True)["bank"]
