@@ -779,19 +779,18 @@ class Store:
         """Save a batch in one transaction: new images are stored, saved ones whose label changed are relabelled,
         the rest left as they are. Images go to the image store before the rows commit."""
         latest = {prediction.content_hash: prediction for prediction in predictions}  # the same picture twice: last wins
-        created: list[tuple[int, int]] = []
-        relabelled: list[tuple[int, int, str]] = []
         with self.database.transaction(write=True) as cursor:
             saved = {record.content_hash: record for record in _by_hash(cursor, list(latest))}
             new = [prediction for digest, prediction in latest.items() if digest not in saved]
             self.images.put_many([(image_name(p.content_hash, p.extension), p.data) for p in new])
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
             rows = [_row(prediction, now) for prediction in new]
-            created = [(record_id, 0) for record_id in _insert(cursor, rows)]
+            created: list[tuple[int, int]] = [(record_id, 0) for record_id in _insert(cursor, rows)]
             changes = [(saved[digest], prediction.final_label) for digest, prediction in latest.items()
                        if digest in saved and saved[digest].final_label != prediction.final_label]
             _relabel(cursor, changes)
-            relabelled = [(record.id, record.edits + 1, record.final_label) for record, _ in changes]
+            relabelled: list[tuple[int, int, str]] = [(record.id, record.edits + 1, record.final_label)
+                                                      for record, _ in changes]
             if created or relabelled:
                 _bump_revision(cursor)
         changed = len(created) + len(relabelled)
