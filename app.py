@@ -19,8 +19,9 @@ from starlette.routing import Route
 
 import charts
 from classifier import CLASSES, Classifier, Prediction, WeightsError, load_classifier
-from db import NewPrediction, Store, StoreError, Summary, admin_password_ok, configured_admin_password, open_store
-from display import CARD_SIZE, THUMBNAIL_SIZE, data_url, encode_image, escape_markdown
+from db import (NewPrediction, SettingsError, Store, StoreError, Summary, admin_password_ok, configured_admin_password,
+                open_store)
+from display import CARD_SIZE, THUMBNAIL_SIZE, code_span, data_url, encode_image, escape_markdown
 from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
                     fetch_image, read_image_input)
 
@@ -108,8 +109,29 @@ def remember_table_edits(keys: list[str], widget_key: str) -> None:
 
 
 def current_items() -> list[tuple[str, Classified]]:
+    """The pictures on the page, each once: a picture given again (under another name or URL) is listed by
+    duplicates() instead, so one picture never gets two labels."""
     # Errors are the strings; no isinstance(Classified): each rerun of this script defines the class anew.
-    return [(key, result) for key, result in st.session_state.results.items() if not isinstance(result, str)]
+    items, seen = [], set()
+    for key, result in st.session_state.results.items():
+        if not isinstance(result, str) and result.image.content_hash not in seen:
+            seen.add(result.image.content_hash)
+            items.append((key, result))
+    return items
+
+
+def duplicates() -> list[tuple[str, str]]:
+    """(source, source of the same picture earlier on the page) for each picture given more than once."""
+    first: dict[str, str] = {}
+    repeated = []
+    for result in st.session_state.results.values():
+        if isinstance(result, str):
+            continue
+        if result.image.content_hash in first:
+            repeated.append((result.image.source, first[result.image.content_hash]))
+        else:
+            first[result.image.content_hash] = result.image.source
+    return repeated
 
 
 def plural(count: int, noun: str) -> str:
@@ -178,16 +200,22 @@ def clear_all() -> None:
 def clear_database() -> None:
     state = st.session_state
     state.confirm_clear = False
-    if not admin_password_ok(state.get("clear_password", "")):
+    try:
+        allowed = admin_password_ok(state.get("clear_password", ""))
+    except SettingsError as error:  # the secrets file broke while the confirmation was open
+        state.flash = ("error", f"The database was not cleared: {escape_markdown(str(error))}")
+        return
+    if not allowed:
         state.flash = ("error", "Wrong admin password: nothing was deleted.")
         return
     try:
-        deleted = open_store().clear()
+        cleared = open_store().clear()
     except StoreError as error:
         state.flash = ("error", f"The database was not cleared: {escape_markdown(str(error))}")
         return
     state.undo = None
-    state.flash = ("success", f"Database cleared: {plural(deleted, 'saved image')} deleted.")
+    state.flash = ("success", f"Database cleared: {plural(cleared.deleted, 'saved image')} deleted."
+                              + escape_markdown(cleared.removal_note))
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -231,12 +259,18 @@ def saved_feedback_sidebar() -> None:
         st.info("Nothing saved yet. Classify some images and click **Save** to see charts here.")
 
     st.divider()
+    try:
+        password_needed = configured_admin_password() is not None
+    except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
+        st.error(escape_markdown(str(error)), icon=":material/key:")
+        st.button("Clear database", disabled=True)
+        return
     if not state.confirm_clear:
         st.button("Clear database", disabled=not summary.total, on_click=lambda: state.update(confirm_clear=True))
     else:
         st.warning(f"Delete all {summary.total} saved images and their records? This cannot be undone and "
                    "affects everyone using this store.")
-        if configured_admin_password():
+        if password_needed:
             st.text_input("Admin password", type="password", key="clear_password")
         st.button("Yes, delete everything", type="primary", on_click=clear_database)
         st.button("Cancel", on_click=lambda: state.update(confirm_clear=False))
@@ -290,6 +324,9 @@ def show_messages() -> None:
     for result in state.results.values():
         if isinstance(result, str):
             st.error(escape_markdown(result), icon=":material/error:")
+    for source, first in duplicates():
+        st.info(f"{escape_markdown(source)} is the same picture as {escape_markdown(first)}: it is reviewed and "
+                "saved once, under that name.", icon=":material/content_copy:")
     failed_urls = [key for key, result in state.results.items() if isinstance(result, str) and key.startswith("url-")]
     if failed_urls:  # a server that was down, slow or wrong a moment ago may answer now
         st.button(f"Retry {plural(len(failed_urls), 'failed URL')}", on_click=forget_results, args=(failed_urls,))
@@ -393,7 +430,7 @@ def review_cards(items: list[tuple[str, Classified]], threshold: float, seen: di
                 if item.image.content_hash in seen:
                     record = seen[item.image.content_hash]
                     st.caption(f"Already saved {record.created_at[:16].replace('T', ' ')} UTC "
-                               f"as **{record.final_label}**.")
+                               f"as **{escape_markdown(record.final_label)}**.")
 
 
 def classify_page() -> None:
@@ -418,7 +455,8 @@ def classify_page() -> None:
     state.setdefault("review_threshold", round(classifier.low_confidence * 100))
     st.title("CIFAR-10 image classifier")
     accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
-    st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. Model `{classifier.version}`{accuracy_note}.")
+    st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. "
+               f"Model {code_span(classifier.version)}{accuracy_note}.")
     read_and_classify(input_sources(), classifier)
     show_messages()
     review()

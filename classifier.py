@@ -78,7 +78,7 @@ class Novelty:
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         similarity = F.normalize(features.float(), dim=1) @ self.bank.float().T
-        return 1.0 - similarity.max(dim=1).values
+        return (1.0 - similarity.max(dim=1).values).clamp(min=0.0)  # rounding can push a cosine past 1
 
 
 def build_model() -> nn.Module:
@@ -180,7 +180,11 @@ class Classifier:
         return self.calibration.probabilities(self.outputs(batch, tta)[0])
 
     def predict(self, images: Sequence[Image.Image], top_k: int = 3) -> list[Prediction]:
-        logits, features = self.outputs(to_uint8_batch(images))
+        return self.predictions(*self.outputs(to_uint8_batch(images)), top_k=top_k)
+
+    def predictions(self, logits: torch.Tensor, features: torch.Tensor, top_k: int = 3) -> list[Prediction]:
+        """What predict says, from outputs already computed: the tests run the test split through the model once
+        and read both the raw outputs and the predictions."""
         probabilities = self.calibration.probabilities(logits)
         scores = self.novelty.scores(features) if self.novelty is not None else torch.zeros(len(logits))
         predictions = []

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import string
 
 from PIL import Image
 
@@ -14,10 +16,33 @@ CARD_SIZE = 220   # pixels: the width of a card on the main page
 THUMBNAIL_SIZE = 96
 
 
+PUNCTUATION = re.compile(f"([{re.escape(string.punctuation)}])")
+# Streamlit's markdown makes links, icons or other characters of these in the parsed text, however their characters
+# were backslash-escaped (www.x, http://x, a@b.c, :material_x:, :streamlit:, ->): such a word becomes a code span.
+REWRITTEN = re.compile(r"://|www\.|@|:material_|:streamlit:|^(<->|->|<-|--|>=|<=|~=)$", re.IGNORECASE)
+
+
+def _one_line(text: str) -> str:
+    """White space as HTML shows it, one space per run: a line break could start a list, heading or code block."""
+    return re.sub(r"\s+", " ", text.replace("\x00", "\ufffd"))
+
+
+def code_span(text: str) -> str:
+    """Text as an inline code span, where markdown makes nothing: the fence is longer than any run of backticks in
+    the text, and a space each side lets the text start or end with one."""
+    text = _one_line(text)
+    if not text.strip():
+        return text
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
+
+
 def escape_markdown(text: str) -> str:
-    """User-supplied names are shown as literal text: no links, emphasis or HTML from a crafted file name."""
-    special = "\\`*_{}[]<>#+-!|~$:"
-    return "".join("\\" + ch if ch in special else ch for ch in text.replace("\x00", "\ufffd"))
+    """User-supplied text (file names, URLs, labels, error messages that quote them) shown as itself: every ASCII
+    punctuation mark escaped, so no link, emphasis, HTML or directive; a word Streamlit would still link or swap
+    for an icon is a code span."""
+    return " ".join(code_span(word) if REWRITTEN.search(word) else PUNCTUATION.sub(r"\\\1", word)
+                    for word in _one_line(text).split(" "))
 
 
 def encode_image(image: Image.Image, size: int) -> bytes:

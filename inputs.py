@@ -19,7 +19,10 @@ from PIL import Image, ImageOps
 
 # Formats are matched on content, never on the file name.
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
-ALLOWED_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp")
+ALLOWED_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "mpo")  # .mpo: multi-picture JPEGs from cameras
+# A multi-picture JPEG (MPO, which many phones and cameras write) is a JPEG with more pictures after the first;
+# Pillow opens it as format "MPO". It is decoded, reduced and stored (.jpg) like any JPEG; the first picture is used.
+JPEG_FORMATS = ("JPEG", "MPO")
 MAX_FILE_BYTES = 20 * 1024 * 1024
 # 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
@@ -27,11 +30,13 @@ MAX_PIXELS = 64_000_000
 DISPLAY_SIZE = (512, 512)
 # Large JPEGs are decoded straight at 1/2, 1/4 or 1/8 scale, never below this, instead of in full.
 DRAFT_SIZE = (256, 256)
-# Other formats decode in full; above this size they decode one at a time (see _decode).
+# Other formats decode in full; above this size they decode one at a time, reduced in bands (see _decode).
 LARGE_DECODE_PIXELS = 16_000_000
 _LARGE_DECODE = threading.Lock()
 # Modes Pillow resizes correctly as they are (alpha premultiplied), so a big picture can shrink before conversion.
 SHRINK_FIRST_MODES = ("RGB", "RGBA", "L", "LA")
+# What every transparent pixel becomes, whatever the mode that carried its transparency.
+BACKGROUND = (255, 255, 255)
 
 # Pillow releases the GIL while decoding, so a batch decodes on every core.
 DECODE_THREADS = max(2, os.cpu_count() or 1)
@@ -94,19 +99,31 @@ def _describe_content(data: bytes) -> str | None:
     return None
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: transparency flattened onto white, 16-bit and float scaled, not clipped."""
+def _to_8_bit_with_alpha(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grey read as 0..65535 and scaled to 0..255 (never clipped: a dark picture stays dark), and a
+    transparent colour (a PNG's tRNS) made an alpha channel: before anything resamples, which would blend it in."""
+    key = image.info.get("transparency")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = values.max() if values.size else 0
-        scale = 255.0 / 65535.0 if top > 255 else 1.0
-        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+        values = np.asarray(image)
+        grey = Image.fromarray((np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8))
+        if key is not None:
+            grey.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
+        grey.info = {name: value for name, value in image.info.items() if name != "transparency"}  # EXIF kept
+        return grey
+    if key is not None and image.mode in ("1", "L", "RGB"):
+        return image.convert("RGBA" if image.mode == "RGB" else "LA")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, every kind of transparency flattened onto BACKGROUND."""
+    image = _to_8_bit_with_alpha(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "La", "PA", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "RGBA":
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        background = Image.new("RGBA", image.size, (*BACKGROUND, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB") if image.mode != "RGB" else image
 
@@ -135,7 +152,7 @@ def read_image_input(data: bytes, source: str) -> ImageInput:
         data=data,
         image=image,
         content_hash=hashlib.sha256(data).hexdigest(),
-        extension="jpg" if image_format == "JPEG" else image_format.lower(),
+        extension="jpg" if image_format in JPEG_FORMATS else image_format.lower(),
     )
 
 
@@ -170,14 +187,16 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
             f"{label} declares {width}x{height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels.")
     # Only JPEG decodes at reduced scale; any other big picture decodes whole (up to 256 MB at 64 MP), so those
     # take turns: whatever the batch and the threads, one full-size decode is in memory at a time.
-    whole = image.format != "JPEG" and width * height > LARGE_DECODE_PIXELS
+    image_format = image.format  # the working copies made below have none
+    jpeg = image_format in JPEG_FORMATS
+    whole = not jpeg and width * height > LARGE_DECODE_PIXELS
     try:
         with _LARGE_DECODE if whole else contextlib.nullcontext():
-            if image.format == "JPEG":
+            if jpeg:
                 image.draft(image.mode, DRAFT_SIZE)
             image.seek(0)
             image.load()
-            image_format = image.format
+            image = _to_8_bit_with_alpha(image)
             if whole and image.mode in SHRINK_FIRST_MODES:
                 image = _reduce_in_bands(image, int(max(width / DISPLAY_SIZE[0], height / DISPLAY_SIZE[1]) / 1.5))
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
@@ -188,8 +207,8 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         return image, image_format
     except Exception as error:
         if isinstance(error, OSError) and "truncated" in str(error):
-            raise InvalidImageError(f"{label} is truncated: the {image.format} data ends early.") from error
-        raise InvalidImageError(f"{label} is a damaged {image.format} file that cannot be decoded ({error}).") from error
+            raise InvalidImageError(f"{label} is truncated: the {image_format} data ends early.") from error
+        raise InvalidImageError(f"{label} is a damaged {image_format} file that cannot be decoded ({error}).") from error
 
 
 def _reduce_in_bands(image: Image.Image, factor: int) -> Image.Image:
@@ -200,6 +219,7 @@ def _reduce_in_bands(image: Image.Image, factor: int) -> Image.Image:
     width, height = image.size
     rows = factor * max(1, (8 << 20) // (width * 4 * factor))
     reduced = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+    reduced.info = image.info  # the EXIF orientation, applied after
     for top in range(0, height, rows):
         reduced.paste(image.crop((0, top, width, min(height, top + rows))).reduce(factor), (0, top // factor))
     return reduced

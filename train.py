@@ -100,13 +100,14 @@ def extract_archive(archive: Path, archive_sha256: str) -> Path:
     return target
 
 
-def load_cifar10(data: str | None) -> dict:
-    """Uint8 tensors for both splits, decoded once and cached as .npz beside the extracted files."""
+def load_cifar10(data: str | None, splits: tuple[str, ...] = ("train", "test")) -> dict:
+    """Uint8 tensors for the splits asked for, each decoded once and cached as .npz beside the extracted files
+    (the tests ask for the test split alone, and never decode the 50,000 training images)."""
     source: dict = {}
     if data is None and SHARED_ARCHIVE.is_file():
         data = str(SHARED_ARCHIVE)
     if data is None:
-        return load_torchvision_cifar10(CACHE / "cifar10-torchvision", download=True)
+        return load_torchvision_cifar10(CACHE / "cifar10-torchvision", download=True, splits=splits)
     path = Path(data)
     if path.is_file():
         source = {"archive": str(path.resolve()), "archive_sha256": file_sha256(path)}
@@ -114,37 +115,38 @@ def load_cifar10(data: str | None) -> dict:
     elif (path / "train").is_dir() and (path / "test").is_dir():
         folder, source = path, {"folder": str(path.resolve())}
     elif (path / "cifar-10-batches-py").is_dir():
-        return load_torchvision_cifar10(path, download=False)
+        return load_torchvision_cifar10(path, download=False, splits=splits)
     else:
         raise SystemExit(f"--data {data}: not a CIFAR-10 archive, nor a folder with train/ and test/ (one folder "
                          "per class in each), nor a torchvision CIFAR-10 root (with cifar-10-batches-py/)")
 
-    cache_file = folder.with_name(folder.name + ".npz") if folder.is_relative_to(CACHE) else None
-    if cache_file is not None and cache_file.is_file():
-        arrays = dict(np.load(cache_file))
-    else:
-        train_x, train_y = decode_image_folder(folder / "train")
-        test_x, test_y = decode_image_folder(folder / "test")
-        arrays = {"train_x": train_x.numpy(), "train_y": train_y.numpy(),
-                  "test_x": test_x.numpy(), "test_y": test_y.numpy()}
-        if cache_file is not None:
-            partial = cache_file.with_suffix(".partial.npz")
-            np.savez(partial, **arrays)
-            os.replace(partial, cache_file)  # a run killed while saving leaves no half-written cache
+    arrays = {}
+    for split in splits:
+        cache_file = folder.with_name(f"{folder.name}.{split}.npz") if folder.is_relative_to(CACHE) else None
+        if cache_file is not None and cache_file.is_file():
+            arrays |= dict(np.load(cache_file))
+        else:
+            images, labels = decode_image_folder(folder / split)
+            decoded = {f"{split}_x": images.numpy(), f"{split}_y": labels.numpy()}
+            if cache_file is not None:
+                partial = cache_file.with_suffix(".partial.npz")
+                np.savez(partial, **decoded)
+                os.replace(partial, cache_file)  # a run killed while saving leaves no half-written cache
+            arrays |= decoded
     tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
     return {**tensors, "source": source}
 
 
-def load_torchvision_cifar10(root: Path, download: bool) -> dict:
+def load_torchvision_cifar10(root: Path, download: bool, splits: tuple[str, ...]) -> dict:
     """The original CIFAR-10 through torchvision, downloaded into the cache only when asked for (needs internet)."""
     from torchvision.datasets import CIFAR10
 
-    splits = {}
-    for name, train in (("train", True), ("test", False)):
-        dataset = CIFAR10(str(root), train=train, download=download)
-        splits[f"{name}_x"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        splits[f"{name}_y"] = torch.tensor(dataset.targets)
-    return {**splits, "source": {"torchvision_root": str(root.resolve())}}
+    tensors = {}
+    for split in splits:
+        dataset = CIFAR10(str(root), train=split == "train", download=download)
+        tensors[f"{split}_x"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        tensors[f"{split}_y"] = torch.tensor(dataset.targets)
+    return {**tensors, "source": {"torchvision_root": str(root.resolve())}}
 
 
 # ---------------------------------------------------------------- augmentation

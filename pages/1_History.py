@@ -8,8 +8,9 @@ from datetime import datetime, timezone
 import streamlit as st
 
 from classifier import CLASSES
-from db import RecordFilter, SavedPrediction, Store, StoreError, admin_password_ok, configured_admin_password, open_store
-from display import THUMBNAIL_SIZE, escape_markdown, thumbnail
+from db import (RecordFilter, SavedPrediction, SettingsError, Store, StoreError, admin_password_ok,
+                configured_admin_password, open_store)
+from display import THUMBNAIL_SIZE, code_span, escape_markdown, thumbnail
 from inputs import InvalidImageError
 
 PAGE_SIZE = 50
@@ -23,15 +24,28 @@ state.setdefault("history_page", 1)
 @st.cache_data(max_entries=2000, show_spinner=False)
 def thumbnail_from_image(content_hash: str, _store: Store, _record: SavedPrediction) -> bytes | None:
     """For records saved before thumbnails were stored: made from the image once per picture (named by its
-    hash), then reused."""
+    hash), then reused. A picture that cannot be decoded stays None; a store that fails raises StoreError, which
+    is not cached, so the picture shows again once the store is back."""
     try:
         return thumbnail(_store.image_bytes(_record), _record.source)
-    except (StoreError, InvalidImageError):
+    except InvalidImageError:
+        return None
+
+
+def saved_thumbnail(store: Store, record: SavedPrediction) -> bytes | None:
+    try:
+        return thumbnail_from_image(record.content_hash, store, record)
+    except StoreError:
         return None
 
 
 def delete_record(store: Store, record_id: int) -> None:
-    if not admin_password_ok(state.get("history_password", "")):
+    try:
+        allowed = admin_password_ok(state.get("history_password", ""))
+    except SettingsError as error:  # the secrets file broke after the page was shown
+        state.history_flash = ("error", f"Nothing was deleted: {escape_markdown(str(error))}")
+        return
+    if not allowed:
         state.history_flash = ("error", "Wrong admin password: nothing was deleted.")
         return
     try:
@@ -43,7 +57,8 @@ def delete_record(store: Store, record_id: int) -> None:
         state.history_flash = ("info", "That record was already deleted.")
         return
     state.undo = change
-    state.history_flash = ("success", f"Deleted {escape_markdown(change.deleted[0].record.source)}.")
+    state.history_flash = ("success", f"Deleted {escape_markdown(change.deleted[0].record.source)}."
+                                      + escape_markdown(change.removal_note))
 
 
 def undo_last(store: Store) -> None:
@@ -97,8 +112,13 @@ with st.container(horizontal=True):
     st.link_button("Download records (CSV)", "/export/cifar10_feedback.csv", icon=":material/download:")
     st.link_button("Download images (ZIP)", "/export/cifar10_feedback.zip", icon=":material/download:",
                    help="ImageFolder layout by final label (airplane/..., automobile/...) with a labels.csv manifest.")
-if configured_admin_password():
-    st.text_input("Admin password", type="password", key="history_password", help="Needed to delete records.")
+delete_refused = False
+try:
+    if configured_admin_password():
+        st.text_input("Admin password", type="password", key="history_password", help="Needed to delete records.")
+except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
+    delete_refused = True
+    st.error(escape_markdown(str(error)), icon=":material/key:")
 
 matching, total = store.count(record_filter), store.count()
 pages = max(1, math.ceil(matching / PAGE_SIZE))
@@ -113,16 +133,18 @@ thumbnails = store.thumbnails(records)
 for record in records:
     image_column, details_column, action_column = st.columns([1, 5, 1])
     with image_column:
-        picture = thumbnails.get(record.id) or thumbnail_from_image(record.content_hash, store, record)
+        picture = thumbnails.get(record.id) or saved_thumbnail(store, record)
         if picture is not None:
             st.image(picture, width=THUMBNAIL_SIZE)
         else:
             st.caption("image unavailable")
     with details_column:
-        verdict = "confirmed" if record.is_correct else f"corrected from **{record.predicted_label}**"
+        verdict = "confirmed" if record.is_correct else f"corrected from **{escape_markdown(record.predicted_label)}**"
         unknown = " · :violet-badge[maybe none of these classes]" if record.is_ood else ""
-        st.markdown(f"**{record.final_label}** · {verdict} · {record.confidence:.1%} confidence{unknown}")
+        st.markdown(f"**{escape_markdown(record.final_label)}** · {verdict} · {record.confidence:.1%} confidence"
+                    f"{unknown}")
         st.caption(f"{escape_markdown(record.source)} · {record.created_at.replace('T', ' ')[:16]} UTC · "
-                   f"model `{record.model_version}`")
+                   f"model {code_span(record.model_version)}")
     with action_column:
-        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(store, record.id))
+        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(store, record.id),
+                  disabled=delete_refused)

@@ -1,21 +1,40 @@
-"""Shared fixtures: images built with Pillow, temp stores, and a real HTTP server on 127.0.0.1."""
+"""Shared fixtures: images built with Pillow, temp stores, a real HTTP server on 127.0.0.1, and the model's one pass
+over the CIFAR-10 test split."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 from PIL import Image
 
+if TYPE_CHECKING:  # torch is imported where it is used: tests that do not need it start faster
+    import torch
+
+    from classifier import Prediction
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+MAIN = sys.modules["__main__"]
+
+
+@pytest.fixture(autouse=True)
+def restore_main_module() -> Iterator[None]:
+    """Streamlit's script runner (AppTest's too) makes the script it runs `__main__` and leaves it so; a process
+    spawned after that would re-run the script (torch, the app) before its own work. Each test starts and ends
+    with pytest's `__main__`."""
+    sys.modules["__main__"] = MAIN
+    yield
+    sys.modules["__main__"] = MAIN
 
 
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48), color=(200, 30, 30),
@@ -29,6 +48,20 @@ def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48), col
     buffer = io.BytesIO()
     image.save(buffer, image_format, **save_args)
     return buffer.getvalue()
+
+
+# What display.escape_markdown writes: code spans (for words Streamlit would link) and backslash-escaped characters.
+CODE_SPAN_OR_ESCAPE = re.compile(r"(`+) (.*?) \1|\\(.)")
+
+
+def shown(markdown: str) -> str:
+    """What a reader sees of escaped user text: code spans' content, and escaped characters as themselves."""
+    return CODE_SPAN_OR_ESCAPE.sub(lambda match: match.group(2) if match.group(1) else match.group(3), markdown)
+
+
+def without_code_spans(markdown: str) -> str:
+    """The markdown outside code spans, its escapes as written."""
+    return CODE_SPAN_OR_ESCAPE.sub(lambda match: " " if match.group(1) else match.group(0), markdown)
 
 
 STORE_VARIABLES = ("CIFAR10_DB_PATH", "CIFAR10_IMAGE_DIR", "CIFAR10_DATABASE_URL", "CIFAR10_IMAGE_STORE",
@@ -209,6 +242,33 @@ def classifier():
     from classifier import load_classifier
 
     return load_classifier()
+
+
+@dataclass(frozen=True)
+class SplitPass:
+    """What the shipped Classifier made of the CIFAR-10 test split's images, in the split's order."""
+
+    labels: torch.Tensor
+    logits: torch.Tensor              # flip-averaged, uncalibrated: Classifier.outputs
+    features: torch.Tensor            # penultimate, flip-averaged: what the novelty score compares
+    predictions: list[Prediction]     # what Classifier.predict says of each image
+
+    def sample(self, chosen: torch.Tensor) -> SplitPass:
+        return SplitPass(self.labels[chosen], self.logits[chosen], self.features[chosen],
+                         [self.predictions[index] for index in chosen.tolist()])
+
+
+@pytest.fixture(scope="session")
+def test_split(classifier) -> SplitPass:
+    """The 10,000 test images through the model once per run, shared by the accuracy, calibration and "none of
+    the ten" tests; only the test split is decoded (and cached), never the 50,000 training images."""
+    import train
+
+    if not train.SHARED_ARCHIVE.is_file():
+        cannot_run(f"CIFAR-10 archive not found at {train.SHARED_ARCHIVE}")
+    data = train.load_cifar10(str(train.SHARED_ARCHIVE), splits=("test",))
+    logits, features = classifier.outputs(data["test_x"])
+    return SplitPass(data["test_y"], logits, features, classifier.predictions(logits, features))
 
 
 ImageFactory = Callable[..., bytes]

@@ -1,14 +1,21 @@
-"""The real app.py through Streamlit's AppTest: upload, URLs, corrections, Save, charts, clearing."""
+"""The real app.py through Streamlit's AppTest: upload, URLs, corrections, Save, charts, clearing. The flows that
+touch storage (save, correct, undo, delete, History, export) run on both backends: SQLite + a folder and
+PostgreSQL + SeaweedFS S3."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 import sqlite3
+import zipfile
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, Route, image_bytes
+from conftest import ROOT, Route, image_bytes, shown, without_code_spans
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
 BLUE = image_bytes("JPEG", size=(80, 60), color=(20, 40, 220))
@@ -29,14 +36,27 @@ def click(app: AppTest, label_start: str) -> None:
     assert not app.exception
 
 
-def unescape(text: str) -> str:
-    return text.replace("\\", "")
-
-
 def rows(db_path) -> list[tuple]:
     with sqlite3.connect(db_path) as connection:
         return connection.execute(
             "SELECT source, predicted_label, final_label, is_correct, image_file FROM predictions ORDER BY source").fetchall()
+
+
+@pytest.fixture
+def reader(backend):
+    """A Store of its own on the test's backend, as another server would open it: how the tests look at what the
+    pages saved, whichever the backend."""
+    return backend.store()
+
+
+def saved_rows(reader) -> list[tuple]:
+    """rows() through the Store API: (source, predicted, final, is_correct, image file), by source."""
+    return sorted((r.source, r.predicted_label, r.final_label, int(r.is_correct), r.image_file)
+                  for r in reader.list_predictions())
+
+
+def image_names(reader) -> list[str]:
+    return sorted(name for name, _ in reader.images.stored())
 
 
 def sidebar_metrics(app: AppTest) -> dict[str, str]:
@@ -45,7 +65,7 @@ def sidebar_metrics(app: AppTest) -> dict[str, str]:
 
 def label_box(app: AppTest, source: str):
     """The label selectbox on the card of this source (flagged cards come first, so not upload order)."""
-    names = [unescape(c.value) for c in app.caption if c.value and not c.value.startswith(("Already", "·"))]
+    names = [shown(c.value) for c in app.caption if c.value and not c.value.startswith(("Already", "·"))]
     cards = [name for name in names if " · " not in name and "%" not in name and "flagged" not in name]
     return app.selectbox[cards.index(source)]
 
@@ -67,24 +87,24 @@ def test_empty_database_shows_a_friendly_empty_state(store_env):
     assert [b.disabled for b in app.button if b.label.startswith("Save")] == [True]
 
 
-def test_upload_correct_and_save(store_env):
-    db_path, image_dir = store_env
+def test_upload_correct_and_save(backend, reader):
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("notes.jpg", b"hello", "image/jpeg")])
     assert len(app.selectbox) == 2
     [error] = app.error
-    assert "notes.jpg" in unescape(error.value) and "text file" in error.value
+    assert "notes.jpg" in shown(error.value) and "text file" in error.value
     predicted = {name: label_box(app, name).value for name in ("red.png", "blue.jpg")}
     corrected = "cat" if predicted["blue.jpg"] != "cat" else "dog"
     label_box(app, "blue.jpg").set_value(corrected)
     app.run()
     click(app, "Save 2 images")
     assert "Saved 2 images" in app.success[0].value
-    saved = rows(db_path)
+    saved = saved_rows(reader)
     assert [(source, final) for source, _, final, _, _ in saved] == [("blue.jpg", corrected),
                                                                       ("red.png", predicted["red.png"])]
     assert [correct for *_, correct, _ in saved] == [0, 1]
-    assert sorted(path.name for path in image_dir.iterdir()) == sorted(file for *_, file in saved)
+    assert image_names(reader) == sorted(file for *_, file in saved)
+    assert {reader.image_bytes(record) for record in reader.list_predictions()} == {RED, BLUE}
     metrics = sidebar_metrics(app)
     assert metrics["Saved images"] == "2" and metrics["Model accuracy"] == "50.0%"
     assert len(app.sidebar.get("image")) == 2  # class distribution and accuracy
@@ -116,8 +136,7 @@ def test_saving_twice_does_not_duplicate(store_env):
     assert len(rows(db_path)) == 2
 
 
-def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_label(store_env):
-    db_path, _ = store_env
+def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_label(backend, reader):
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
     predicted = label_box(app, "red.png").value
@@ -126,13 +145,13 @@ def test_correcting_an_image_saved_before_updates_it_and_undo_restores_the_old_l
     label_box(app, "red.png").set_value(corrected)
     app.run()
     click(app, "Save")
-    message = unescape(app.success[0].value)
+    message = shown(app.success[0].value)
     assert "Updated the label of 1 image saved before" in message and "1 already saved" in message
-    assert [(source, final) for source, _, final, _, _ in rows(db_path)][1] == ("red.png", corrected)
+    assert [(source, final) for source, _, final, _, _ in saved_rows(reader)][1] == ("red.png", corrected)
     assert sidebar_metrics(app)["Model accuracy"] == "50.0%"
     click(app, "Undo last change")
-    assert "given back its old label" in unescape(app.info[0].value)
-    assert [(source, final) for source, _, final, _, _ in rows(db_path)] == [
+    assert "given back its old label" in shown(app.info[0].value)
+    assert [(source, final) for source, _, final, _, _ in saved_rows(reader)] == [
         ("blue.jpg", label_box(app, "blue.jpg").value), ("red.png", predicted)]
 
 
@@ -145,19 +164,18 @@ def test_an_image_already_saved_says_so(store_env):
     assert any("Already saved" in caption.value for caption in fresh.caption)
 
 
-def test_clear_database_asks_first(store_env):
-    db_path, image_dir = store_env
+def test_clear_database_asks_first(backend, reader):
     app = start_app()
     upload(app, [("red.png", RED, "image/png")])
     click(app, "Save")
     click(app, "Clear database")
     assert "cannot be undone" in app.sidebar.warning[0].value
-    assert len(rows(db_path)) == 1
+    assert len(saved_rows(reader)) == 1
     click(app, "Cancel")
-    assert len(rows(db_path)) == 1 and not app.sidebar.warning
+    assert len(saved_rows(reader)) == 1 and not app.sidebar.warning
     click(app, "Clear database")
     click(app, "Yes, delete everything")
-    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
+    assert saved_rows(reader) == [] and image_names(reader) == []
     assert "Database cleared: 1 saved image deleted" in app.success[0].value
     assert sidebar_metrics(app)["Saved images"] == "0"
 
@@ -204,7 +222,7 @@ def test_urls_are_fetched_and_bad_ones_report_themselves(store_env, local_server
     app.run()
     assert not app.exception
     assert len(app.selectbox) == 2
-    errors = [unescape(error.value) for error in app.error]
+    errors = [shown(error.value) for error in app.error]
     assert len(errors) == 3
     assert missing in errors[0] and "HTTP 404" in errors[0]
     assert html in errors[1] and "not an accepted image" in errors[1]
@@ -242,16 +260,17 @@ def test_hostile_file_names_are_shown_literally_and_not_used_on_disk(store_env, 
     app = start_app()
     upload(app, [(name, RED, "image/png")])
     captions = [caption.value for caption in app.caption]
-    assert any(unescape(caption) == name for caption in captions)
-    # Every character that could start a link, HTML tag, emphasis or directive arrives escaped.
-    assert not any(re.search(r"(?<!\\)[\[\]<>*:]", caption) for caption in captions if unescape(caption) == name)
+    assert any(shown(caption) == name for caption in captions)
+    # Every character that could start a link, HTML tag, emphasis or directive arrives escaped or in a code span.
+    assert not any(re.search(r"[\[\]<>*:]", re.sub(r"\\.", "", without_code_spans(caption)))
+                   for caption in captions if shown(caption) == name)
     click(app, "Save")
     [(source, *_, image_file)] = rows(db_path)
     assert source == name and "/" not in image_file and len(image_file.split(".")[0]) == 64
     assert [path.name for path in image_dir.iterdir()] == [image_file]
 
 
-def save_three(store_env) -> AppTest:
+def save_three() -> AppTest:
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
     predicted = label_box(app, "red.png").value
@@ -261,13 +280,12 @@ def save_three(store_env) -> AppTest:
     return app
 
 
-def test_undo_the_last_save(store_env):
-    db_path, image_dir = store_env
-    app = save_three(store_env)
-    assert len(rows(db_path)) == 3
+def test_undo_the_last_save(backend, reader):
+    app = save_three()
+    assert len(saved_rows(reader)) == 3 and len(image_names(reader)) == 3
     click(app, "Undo last change")
-    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
-    assert "Undid the save of 3 images: 3 removed" in unescape(app.info[0].value)
+    assert saved_rows(reader) == [] and image_names(reader) == []
+    assert "Undid the save of 3 images: 3 removed" in shown(app.info[0].value)
     assert not [b for b in app.button if b.label.startswith("Undo")]
 
 
@@ -282,18 +300,19 @@ def test_undo_messages_show_a_crafted_name_literally(store_env):
     app.button(key=[b.key for b in app.button if b.key and b.key.startswith("delete-")][0]).click()
     app.run()
     [undo] = [b for b in app.button if b.label.startswith("Undo the last")]
-    shown = [undo.label, app.success[0].value]
+    texts = [undo.label, app.success[0].value]
     app.switch_page("app.py")  # the main page offers the same undo, its tooltip naming the file
     app.run()
     [undo] = [b for b in app.button if b.label == "Undo last change"]
-    shown.append(undo.help)
+    texts.append(undo.help)
     undo.click()
     app.run()
-    shown.append(app.info[0].value)
-    for text in shown:
-        assert name in unescape(text)
-        assert not re.search(r"(?<!\\)[\[\]<>*]", text), text  # every link, tag and emphasis character escaped
-    assert "1 restored" in shown[-1]
+    texts.append(app.info[0].value)
+    for text in texts:
+        assert name in shown(text)
+        # Every link, tag and emphasis character escaped or in a code span.
+        assert not re.search(r"[\[\]<>*]", re.sub(r"\\.", "", without_code_spans(text))), text
+    assert "1 restored" in texts[-1]
 
 
 COLORS = [(250, 250, 250), (10, 10, 10), (200, 30, 30), (30, 160, 60), (40, 90, 220)]
@@ -324,15 +343,15 @@ def test_maybe_none_of_these_is_shown_listed_first_saved_with_its_flag_or_skippe
     app = start_app()
     files = [(f"{i}.png", image_bytes("PNG", size=(60, 40), color=color), "image/png") for i, color in enumerate(COLORS)]
     upload(app, files, threshold=60)
-    shown = [unescape(c.value) for c in app.caption if unescape(c.value) in {name for name, _, _ in files}]
-    assert shown == ["2.png", "4.png", "0.png", "1.png", "3.png"]
+    order = [shown(c.value) for c in app.caption if shown(c.value) in {name for name, _, _ in files}]
+    assert order == ["2.png", "4.png", "0.png", "1.png", "3.png"]
     assert len([m for m in app.markdown if "Maybe none of these classes" in m.value]) == 2
     assert "2 as maybe none of these classes" in app.caption[1].value
     label_box(app, "4.png").set_value("skip")
     label_box(app, "2.png").set_value("frog")  # a person can still save a flagged image, with any label
     app.run()
     click(app, "Save 4 images")
-    assert "1 marked skip, not saved" in unescape(app.success[0].value)
+    assert "1 marked skip, not saved" in shown(app.success[0].value)
     with sqlite3.connect(db_path) as connection:
         saved = connection.execute("SELECT source, final_label, is_ood, ood_score FROM predictions ORDER BY source").fetchall()
     assert saved == [("0.png", "airplane", 0, 0.01), ("1.png", "airplane", 0, 0.01), ("2.png", "frog", 1, 0.5),
@@ -357,14 +376,14 @@ def test_review_settings_persist_and_low_confidence_is_flagged_first(store_env, 
     files = [(f"{i}.png", image_bytes("PNG", size=(60, 40), color=color), "image/png") for i, color in enumerate(COLORS)]
     upload(app, files, threshold=0)
 
-    def shown() -> list[str]:
-        return [unescape(c.value) for c in app.caption if unescape(c.value) in {name for name, _, _ in files}]
+    def card_order() -> list[str]:
+        return [shown(c.value) for c in app.caption if shown(c.value) in {name for name, _, _ in files}]
 
-    assert shown() == [name for name, _, _ in files]  # nothing flagged: upload order
+    assert card_order() == [name for name, _, _ in files]  # nothing flagged: upload order
     for threshold, flagged in ((60, [1, 3]), (75, [1, 2, 3])):  # flagged first, each part in upload order
         app.slider[0].set_value(threshold)
         app.run()
-        assert shown() == [f"{i}.png" for i in flagged + [i for i in range(5) if i not in flagged]]
+        assert card_order() == [f"{i}.png" for i in flagged + [i for i in range(5) if i not in flagged]]
         assert len([m for m in app.markdown if "low confidence" in m.value]) == len(flagged)
         assert f"{len(flagged)} flagged as low confidence" in app.caption[1].value
     app.segmented_control[0].set_value("Table")
@@ -384,9 +403,8 @@ def start_history() -> AppTest:
     return history
 
 
-def test_history_lists_filters_deletes_and_undoes(store_env):
-    db_path, image_dir = store_env
-    save_three(store_env)
+def test_history_lists_filters_deletes_and_undoes(backend, reader):
+    save_three()
     history = start_history()
     assert "3 of 3 saved images match" in history.caption[0].value and len(history.get("image")) == 3
     history.toggle[0].set_value(True)
@@ -396,26 +414,27 @@ def test_history_lists_filters_deletes_and_undoes(store_env):
     history.toggle[0].set_value(False)
     history.multiselect[0].set_value(["frog", "bird"])
     history.run()
-    expected = sum(1 for _, _, final, _, _ in rows(db_path) if final in ("frog", "bird"))
+    expected = sum(1 for _, _, final, _, _ in saved_rows(reader) if final in ("frog", "bird"))
     assert f"{expected} of 3 saved images match" in history.caption[0].value
     history.multiselect[0].set_value([])
     history.run()
 
-    victim_source = unescape(history.caption[1].value).split(" · ")[0]
+    victim_source = shown(history.caption[1].value).split(" · ")[0]
     history.button(key=[b.key for b in history.button if b.key and b.key.startswith("delete-")][0]).click()
     history.run()
-    assert victim_source not in [source for source, *_ in rows(db_path)] and len(rows(db_path)) == 2
-    assert len(list(image_dir.iterdir())) == 2
+    assert victim_source not in [source for source, *_ in saved_rows(reader)] and len(saved_rows(reader)) == 2
+    assert len(image_names(reader)) == 2
     [undo] = [b for b in history.button if b.label.startswith("Undo")]
     undo.click()
     history.run()
-    assert len(rows(db_path)) == 3 and len(list(image_dir.iterdir())) == 3
+    assert len(saved_rows(reader)) == 3 and len(image_names(reader)) == 3
+    assert victim_source in [source for source, *_ in saved_rows(reader)]
 
 
 def test_history_links_both_streamed_downloads_and_has_an_empty_state(store_env):
     history = start_history()
     assert "Nothing saved yet" in history.info[0].value
-    save_three(store_env)
+    save_three()
     history = start_history()
     links = {button.proto.label: button.proto.url for button in history.get("link_button")}
     assert links == {"Download records (CSV)": "/export/cifar10_feedback.csv",
@@ -435,25 +454,25 @@ def test_history_pages_through_every_record(store_env):
     history = start_history()
     assert "120 of 120 saved images match. Page 1 of 3" in history.caption[0].value
 
-    def shown() -> list[str]:
-        return [unescape(c.value).split(" · ")[0] for c in history.caption if c.value.startswith("record")]
+    def page_sources() -> list[str]:
+        return [shown(c.value).split(" · ")[0] for c in history.caption if c.value.startswith("record")]
 
-    first = shown()
+    first = page_sources()
     assert len(first) == 50
     [next_page] = [b for b in history.button if b.label == "Next page"]
     next_page.click()
     history.run()
-    second = shown()
+    second = page_sources()
     assert "Page 2 of 3" in history.caption[0].value and len(second) == 50 and not set(first) & set(second)
     [b for b in history.button if b.label == "Next page"][0].click()
     history.run()
-    assert len(shown()) == 20 and [b for b in history.button if b.label == "Next page"][0].disabled
-    assert len(set(first) | set(second) | set(shown())) == 120
+    assert len(page_sources()) == 20 and [b for b in history.button if b.label == "Next page"][0].disabled
+    assert len(set(first) | set(second) | set(page_sources())) == 120
 
 
 def test_history_delete_needs_the_admin_password_when_one_is_set(store_env, monkeypatch):
     db_path, _ = store_env
-    save_three(store_env)
+    save_three()
     monkeypatch.setenv("CIFAR10_ADMIN_PASSWORD", "team-s3cret")
     history = start_history()
     delete_keys = [b.key for b in history.button if b.key and b.key.startswith("delete-")]
@@ -480,7 +499,7 @@ def test_a_batch_of_bad_files_reports_each_and_saves_only_the_good_one(store_env
     }
     app = start_app()
     upload(app, [(name, data, "image/png") for name, data in bad.items()] + [("good.png", RED, "image/png")])
-    errors = [unescape(error.value) for error in app.error]
+    errors = [shown(error.value) for error in app.error]
     assert len(errors) == len(bad)
     for name, error in zip(bad, errors):
         assert f"'{name}'" in error
@@ -512,7 +531,7 @@ def test_a_database_that_is_down_keeps_the_page_working_and_save_retries_once_it
         postgres.stop()
         app = start_app()
         sidebar_error = app.sidebar.error[0].value
-        assert "PostgreSQL database at 127.0.0.1" in unescape(sidebar_error) and "CIFAR10\\_DATABASE\\_URL" in sidebar_error
+        assert "PostgreSQL database at 127.0.0.1" in shown(sidebar_error) and "CIFAR10\\_DATABASE\\_URL" in sidebar_error
         upload(app, [("red.png", RED, "image/png")])
         corrected = "ship" if app.selectbox[0].value != "ship" else "frog"
         app.selectbox[0].set_value(corrected)
@@ -538,7 +557,209 @@ def test_wrong_object_store_credentials_are_named_on_the_page(monkeypatch, postg
                             "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/app-creds",
                             **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong"})
     app = start_app()
-    message = unescape(app.sidebar.error[0].value)
+    message = shown(app.sidebar.error[0].value)
     assert "object store s3://cifar10-tests/app-creds" in message and "AWS_SECRET_ACCESS_KEY" in message
     upload(app, [("red.png", RED, "image/png")])
     assert len(app.selectbox) == 1  # classifying needs no store
+
+
+# ---------------------------------------------------------------- issue 16: behaviours that had no failing test
+
+def chart_urls(app: AppTest) -> list[str]:
+    """The sidebar's chart pictures; AppTest names each by a hash of its bytes, so new bytes mean a new name."""
+    return [url for image in app.sidebar.get("image") for url in image.value]
+
+
+def accuracy(reader) -> str:
+    flags = [correct for *_, correct, _ in saved_rows(reader)]
+    return f"{sum(flags) / len(flags):.1%}"
+
+
+def test_undo_delete_and_clear_update_the_sidebar_counts_and_charts_on_the_same_run(store_env):
+    """The sidebar's figures are cached on the store's revision: each change must show on the run its click
+    starts, not one run later (nor never)."""
+    from db import Store
+
+    reader = Store.from_env()
+    app = save_three()
+    first = chart_urls(app)
+    assert sidebar_metrics(app) == {"Saved images": "3", "Model accuracy": accuracy(reader)} and len(first) == 2
+    blue = label_box(app, "blue.jpg")
+    blue.set_value("deer" if blue.value != "deer" else "horse")
+    app.run()
+    click(app, "Save 3 images")
+    relabelled = chart_urls(app)
+    assert sidebar_metrics(app)["Model accuracy"] == accuracy(reader) == "33.3%" and relabelled != first
+
+    click(app, "Undo last change")  # the relabel, taken back
+    assert "given back its old label" in shown(app.info[0].value)
+    assert sidebar_metrics(app) == {"Saved images": "3", "Model accuracy": accuracy(reader)} != {
+        "Saved images": "3", "Model accuracy": "33.3%"}
+    assert chart_urls(app) not in (relabelled, [])
+
+    app.switch_page("pages/1_History.py")
+    app.run()
+    app.button(key=[b.key for b in app.button if b.key and b.key.startswith("delete-")][0]).click()
+    app.run()
+    assert app.success and len(saved_rows(reader)) == 2
+    app.switch_page("app.py")
+    app.run()
+    after_delete = chart_urls(app)
+    assert sidebar_metrics(app) == {"Saved images": "2", "Model accuracy": accuracy(reader)}
+    assert after_delete not in (first, [])
+
+    click(app, "Undo last change")  # the delete, taken back
+    assert "1 restored" in shown(app.info[0].value)
+    assert sidebar_metrics(app) == {"Saved images": "3", "Model accuracy": accuracy(reader)}
+    assert chart_urls(app) not in (after_delete, [])
+
+    click(app, "Clear database")
+    click(app, "Yes, delete everything")
+    assert sidebar_metrics(app) == {"Saved images": "0", "Model accuracy": "n/a"} and chart_urls(app) == []
+    assert "Nothing saved yet" in app.sidebar.info[0].value
+    reader.close()
+
+
+def download(name: str) -> tuple[int, bytes]:
+    """What the server's /export/<name> route streams (app.export_download), read whole."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    import app as server
+
+    response = server.export_download(Request({"type": "http", "path_params": {"name": name}}))
+
+    async def body() -> bytes:
+        return b"".join([chunk async for chunk in response.body_iterator])
+
+    return response.status_code, asyncio.run(body())
+
+
+def test_the_downloads_carry_what_the_pages_saved(backend, reader):
+    save_three()
+    saved = {record.source: record for record in reader.list_predictions()}
+    status, body = download("cifar10_feedback.csv")
+    assert status == 200
+    table = list(csv.DictReader(io.StringIO(body.decode())))
+    assert sorted((row["source"], row["final_label"], row["content_hash"]) for row in table) == sorted(
+        (source, record.final_label, record.content_hash) for source, record in saved.items())
+    status, body = download("cifar10_feedback.zip")
+    assert status == 200
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        assert set(archive.namelist()) == {f"{r.final_label}/{r.image_file}" for r in saved.values()} | {"labels.csv"}
+        for source, data in (("red.png", RED), ("blue.jpg", BLUE), ("green.png", GREEN)):
+            assert archive.read(f"{saved[source].final_label}/{saved[source].image_file}") == data
+
+
+def test_save_stores_a_thumbnail_and_history_shows_it_without_the_full_image(backend, reader):
+    """History draws a page from the thumbnails stored with the records; it never needs the full images."""
+    from PIL import Image
+
+    from display import THUMBNAIL_SIZE
+
+    plum = image_bytes("PNG", size=(90, 70), color=(123, 45, 67))  # a picture no other test shows History
+    app = start_app()
+    upload(app, [("plum.png", plum, "image/png")])
+    click(app, "Save 1 image")
+    [record] = reader.list_predictions()
+    stored = reader.thumbnails([record])
+    assert record.id in stored
+    small = Image.open(io.BytesIO(stored[record.id]))
+    assert small.format == "JPEG" and max(small.size) <= THUMBNAIL_SIZE
+    reader.images.delete_many([record.image_file])  # the full image gone: only the stored thumbnail can show
+    history = start_history()
+    assert "image unavailable" not in [caption.value for caption in history.caption]
+    assert len(history.get("image")) == 1
+
+
+def edit_table(app: AppTest, edited_rows: dict[int, dict]) -> None:
+    """What the browser sends when cells of the review table are edited. AppTest reads a data_editor but does not
+    edit one (set_value raises), and a value put in session_state does not run its on_change; so the run gets the
+    widget state a browser would send for it, with the rest of the page's widget states."""
+    from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+    [editor] = app.data_editor
+    states = app._tree.get_widget_states()
+    states.widgets.append(WidgetState(id=editor.proto.id, string_value=json.dumps(
+        {"edited_rows": {str(row): change for row, change in edited_rows.items()}, "added_rows": [],
+         "deleted_rows": []})))
+    app._run(states)
+    assert not app.exception
+
+
+def test_edits_made_in_the_table_view_are_saved(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
+    app.segmented_control[0].set_value("Table")
+    app.run()
+    [table] = app.data_editor
+    sources = list(table.value["source"])  # flagged rows first: find each by its source
+    assert sorted(sources) == ["blue.jpg", "green.png", "red.png"]
+    predicted = dict(zip(sources, table.value["prediction"]))
+    corrected = "frog" if predicted["blue.jpg"] != "frog" else "ship"
+    edit_table(app, {sources.index("blue.jpg"): {"label": corrected}, sources.index("green.png"): {"label": "skip"}})
+    labels = dict(zip(app.data_editor[0].value["source"], app.data_editor[0].value["label"]))
+    assert labels == {"red.png": predicted["red.png"], "blue.jpg": corrected, "green.png": "skip"}
+    click(app, "Save 2 images")
+    assert [(source, final) for source, _, final, _, _ in rows(db_path)] == [("blue.jpg", corrected),
+                                                                              ("red.png", predicted["red.png"])]
+
+
+def test_history_date_filter_filters_and_a_new_filter_starts_at_page_1(store_env):
+    import hashlib
+
+    from db import NewPrediction, Store
+
+    db_path, _ = store_env
+    today = datetime.now(timezone.utc).date()
+    old_day = today - timedelta(days=30)
+    store = Store.from_env()
+    store.save_predictions([NewPrediction(hashlib.sha256(f"dated {i}".encode()).hexdigest(), f"dated {i}".encode(),
+                                          "png", f"record-{i:03d}.png", "cat", 0.5, ("cat", "dog")[i % 2], "t")
+                            for i in range(110)])
+    store.close()
+    with sqlite3.connect(db_path) as connection:  # the first 60 were saved a month ago
+        connection.execute("UPDATE predictions SET created_at = ? WHERE source < 'record-060.png'",
+                           (f"{old_day.isoformat()}T12:00:00+00:00",))
+    history = start_history()
+
+    def page_sources() -> list[str]:
+        return [shown(c.value).split(" · ")[0] for c in history.caption if c.value.startswith("record")]
+
+    def next_page() -> None:
+        [b for b in history.button if b.label == "Next page"][0].click()
+        history.run()
+
+    assert "110 of 110 saved images match. Page 1 of 3" in history.caption[0].value
+    next_page()
+    assert "Page 2 of 3" in history.caption[0].value
+    history.date_input[0].set_value((old_day, old_day))
+    history.run()
+    assert "60 of 110 saved images match. Page 1 of 2" in history.caption[0].value
+    shown_now = page_sources()
+    next_page()
+    assert "Page 2 of 2" in history.caption[0].value
+    assert sorted(shown_now + page_sources()) == [f"record-{i:03d}.png" for i in range(60)]
+    history.date_input[0].set_value((today, today))
+    history.run()
+    assert "50 of 110 saved images match. Page 1 of 1" in history.caption[0].value
+    assert sorted(page_sources()) == [f"record-{i:03d}.png" for i in range(60, 110)]
+    history.date_input[0].set_value((old_day, today))
+    history.run()
+    next_page()
+    assert "110 of 110 saved images match. Page 2 of 3" in history.caption[0].value
+    history.multiselect[0].set_value(["dog"])  # any filter, not only the dates, starts again at page 1
+    history.run()
+    assert "55 of 110 saved images match. Page 1 of 2" in history.caption[0].value
+
+
+def test_the_model_cards_low_confidence_threshold_is_the_pages_default(store_env):
+    card = json.loads((ROOT / "models" / "resnet18_cifar10.json").read_text())
+    expected = round(card["low_confidence_threshold"] * 100)
+    app = start_app()
+    app.file_uploader[0].set_value([("red.png", RED, "image/png")])
+    app.run()
+    [slider] = app.slider
+    assert slider.value == expected and 0 < expected < 100

@@ -45,6 +45,11 @@ def run_cli(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.
                           timeout=300, env={**os.environ, **(env or {})}, start_new_session=True)
 
 
+# Every column of a record, as a person restoring a backup or reading the CSV expects them.
+EXPECTED_COLUMNS = ["id", "source", "predicted_label", "confidence", "final_label", "is_correct", "created_at",
+                    "model_version", "content_hash", "edits", "is_ood", "ood_score"]
+
+
 def test_export_is_an_imagefolder_zip_with_every_column(backend, tmp_path):
     store = backend.store()
     batch = [picture(i) for i in range(6)] + [picture(9, "JPEG")]
@@ -56,7 +61,8 @@ def test_export_is_an_imagefolder_zip_with_every_column(backend, tmp_path):
         assert set(archive.namelist()) == expected | {"labels.csv"}
         assert archive.read(f"dog/{batch[1].content_hash}.png") == batch[1].data
         rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode())))
-    assert list(rows[0]) == ["file", *db.EXPORT_COLUMNS]
+    assert list(rows[0]) == ["file", *EXPECTED_COLUMNS]  # written out here, not db.EXPORT_COLUMNS compared with itself
+    assert next(csv.reader(io.StringIO(b"".join(store.iter_csv()).decode()))) == EXPECTED_COLUMNS
     assert {row["file"]: row["final_label"] for row in rows} == {name: name.split("/")[0] for name in expected}
 
 
@@ -151,6 +157,7 @@ def test_bad_archives_are_refused_by_member_and_nothing_is_imported(backend, tmp
     ({"predicted_label": "monkey"}, "predicted_label 'monkey'"),
     ({"final_label": "ship"}, "differs from the folder"),
     ({"created_at": "yesterday"}, "created_at 'yesterday'"),
+    ({"created_at": "0001-01-01T00:00:00+05:00"}, "created_at '0001-01-01T00:00:00+05:00'"),  # before year 1 in UTC
 ])
 def test_a_corrupt_labels_csv_is_refused_by_line(backend, tmp_path, override, phrase):
     members = good_members(5)
@@ -228,3 +235,241 @@ def test_import_asks_for_the_admin_password_when_one_is_set(store_env, tmp_path)
     assert Store.from_env().count() == 0
     allowed = run_cli("import", str(path), stdin="s3cret\n", env={"CIFAR10_ADMIN_PASSWORD": "s3cret"})
     assert allowed.returncode == 0 and Store.from_env().count() == 3
+
+
+# ---------------------------------------------------------------- the same picture twice, failed batches
+
+@pytest.mark.parametrize("listed", [False, True], ids=["imagefolder", "labels.csv"])
+def test_the_same_picture_under_two_names_is_imported_once(backend, tmp_path, listed):
+    """Issue 15.2: scraped data sets hold a picture under two names; both rows in one batch stopped the import
+    with the images written and no rows, on every retry."""
+    twin = picture(1).data
+    members = {"cat/a.png": twin, "frog/other.png": picture(2).data, "dog/b.png": twin}
+    if listed:
+        members["labels.csv"] = manifest_for(members)
+    path = make_zip(tmp_path / "twins.zip", members)
+    store = backend.store()
+    result = store.import_archive(path, db._predict_with_shipped_model)
+    assert (result.saved, result.unchanged) == (2, 0)
+    assert result.duplicates == (db.Duplicate("dog/b.png", kept="cat/a.png", label="cat"),)
+    assert sorted((r.source, r.final_label) for r in store.list_predictions()) == [
+        ("cat/a.png", "cat"), ("frog/other.png", "frog")]
+    assert len(backend.image_names()) == 2
+    again = store.import_archive(path, db._predict_with_shipped_model)
+    assert (again.saved, again.unchanged, again.duplicates) == (0, 2, result.duplicates)
+    assert store.count() == 2 and len(backend.image_names()) == 2
+
+
+def test_the_command_line_says_which_duplicates_it_skipped(store_env, tmp_path):
+    twin = picture(1).data
+    path = make_zip(tmp_path / "twins.zip", {"cat/a.png": twin, "dog/b.png": twin})
+    for saved, unchanged in ((1, 0), (0, 1)):  # the second import changes nothing
+        result = run_cli("import", str(path))
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        assert f"imported {saved} records; {unchanged} were already saved; 1 duplicate skipped" in result.stderr
+        assert "skipped 'dog/b.png': the same picture as 'cat/a.png', imported with the label cat" in result.stderr
+    assert Store.from_env().count() == 1
+
+
+def refuse_to_insert(backend, source: str):
+    """Make the database itself refuse the row of one picture (a trigger: a real insert error on either backend).
+    Returns the statement that lifts it."""
+    if backend.name == "sqlite":
+        import sqlite3
+
+        statements = [f"CREATE TRIGGER refuse BEFORE INSERT ON predictions WHEN NEW.source = '{source}' "
+                      "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"]
+        lift = "DROP TRIGGER refuse"
+        connect = lambda: sqlite3.connect(backend.env["CIFAR10_DB_PATH"], isolation_level=None)  # noqa: E731
+    else:
+        import psycopg
+
+        statements = ["CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN RAISE EXCEPTION 'refused by a test trigger'; END $$",
+                      "CREATE TRIGGER refuse BEFORE INSERT ON predictions FOR EACH ROW "
+                      f"WHEN (NEW.source = '{source}') EXECUTE FUNCTION refuse()"]
+        lift = "DROP TRIGGER refuse ON predictions"
+        connect = lambda: psycopg.connect(backend.env["CIFAR10_DATABASE_URL"], autocommit=True)  # noqa: E731
+
+    def run(*sql: str) -> None:
+        connection = connect()
+        try:
+            for statement in sql:
+                connection.execute(statement)
+        finally:
+            connection.close()
+
+    run(*statements)
+    return lambda: run(lift)
+
+
+def test_a_batch_the_database_refuses_leaves_no_image_behind(backend, tmp_path):
+    """Issue 15.2: a failed import leaves nothing behind, fails the same way on a retry, and the command line says
+    so in one line, without a traceback."""
+    members = good_members(5)
+    members["labels.csv"] = manifest_for(members)
+    path = make_zip(tmp_path / "refused.zip", members)
+    store = backend.store()
+    lift = refuse_to_insert(backend, list(members)[3])
+    with pytest.raises(Exception, match="refused by a test trigger"):
+        store.import_archive(path)
+    assert store.count() == 0 and backend.image_names() == set()
+    retried = run_cli("import", str(path))
+    errors = [line for line in retried.stderr.splitlines() if line.startswith("error:")]
+    assert retried.returncode == 1 and "Traceback" not in retried.stderr, retried.stderr
+    assert len(errors) == 1 and "refused by a test trigger" in errors[0]
+    assert store.count() == 0 and backend.image_names() == set()
+    lift()
+    assert store.import_archive(path).saved == 5 and len(backend.image_names()) == 5
+
+
+# ---------------------------------------------------------------- members zipfile cannot read, huge manifests
+
+def patch_headers(path, name: str, **fields: int) -> None:
+    """Rewrite one member's flag bits or compression method in both its ZIP headers, as another tool would write
+    them (zipfile writes neither encrypted nor Deflate64 members)."""
+    import struct
+
+    with zipfile.ZipFile(path) as archive:
+        local, central = archive.getinfo(name).header_offset, archive.start_dir
+    data = bytearray(path.read_bytes())
+    while data[central + 46:central + 46 + struct.unpack_from("<H", data, central + 28)[0]] != name.encode():
+        central += 46 + sum(struct.unpack_from("<HHH", data, central + 28))
+    offsets = {"flag_bits": (6, 8), "compress_type": (8, 10)}  # in the local header, in the central directory
+    for field, value in fields.items():
+        struct.pack_into("<H", data, local + offsets[field][0], value)
+        struct.pack_into("<H", data, central + offsets[field][1], value)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("victim", ["image", "labels.csv"])
+@pytest.mark.parametrize("patch, phrase", [({"flag_bits": 0x1}, "is encrypted"),
+                                           ({"compress_type": 9}, "Deflate64"),
+                                           ({"flag_bits": 0x20}, "compressed patched data")],
+                         ids=["encrypted", "deflate64", "patched data"])
+def test_a_member_zipfile_cannot_read_is_refused_by_name(backend, tmp_path, victim, patch, phrase):
+    """Issue 15.8: an encrypted or Deflate64 member gave a traceback; one of compressed patched data (flag bit 5)
+    "error: NotImplementedError: compressed patched data", naming no member."""
+    members = good_members(4)
+    members["labels.csv"] = manifest_for(members)
+    name = list(members)[2] if victim == "image" else "labels.csv"
+    path = make_zip(tmp_path / "odd.zip", members)
+    patch_headers(path, name, **patch)
+    store = backend.store()
+    with pytest.raises(ArchiveError) as caught:
+        store.import_archive(path)
+    assert str(path) in str(caught.value) and repr(name) in str(caught.value) and phrase in str(caught.value)
+    assert store.count() == 0 and backend.image_names() == set()
+
+
+def corrupt_lzma_member(path, name: str) -> None:
+    """Damage one LZMA member's compressed data, as a bad disk or download would: the range coder's first byte,
+    always 0 in a valid stream (after zipfile's 4-byte header and 5 bytes of properties)."""
+    import struct
+
+    with zipfile.ZipFile(path) as archive:
+        local = archive.getinfo(name).header_offset
+    data = bytearray(path.read_bytes())
+    start = local + 30 + sum(struct.unpack_from("<HH", data, local + 26))
+    data[start + 9] ^= 0xFF
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("victim", ["image", "labels.csv"])
+def test_a_corrupt_lzma_member_is_refused_by_name(store_env, tmp_path, victim):
+    """Issue 15.8: a corrupt LZMA member printed "error: LZMAError: Corrupt input data", naming no member."""
+    members = good_members(4)
+    members["labels.csv"] = manifest_for(members)
+    name = list(members)[2] if victim == "image" else "labels.csv"
+    path = make_zip(tmp_path / "lzma.zip", members, zipfile.ZIP_LZMA)
+    corrupt_lzma_member(path, name)
+    store = Store.from_env()
+    with pytest.raises(ArchiveError) as caught:
+        store.import_archive(path)
+    assert str(path) in str(caught.value) and repr(name) in str(caught.value)
+    assert "Corrupt input data" in str(caught.value) and store.count() == 0
+    result = run_cli("import", str(path))
+    assert result.returncode == 1 and repr(name) in result.stderr and "LZMAError" not in result.stderr
+
+
+HUGE = 30 << 20
+JUNK_ROWS = {
+    "one huge field": b'cat/x.png,"' + b"y" * HUGE + b'"\n',
+    "many small fields": b"x," * (HUGE // 2) + b"\n",
+    "a quoted field over many lines": b'cat/x.png,"' + b"junk\n" * (HUGE // 5) + b'"\n',
+}
+
+
+@pytest.mark.parametrize("junk", JUNK_ROWS)
+def test_a_huge_labels_csv_row_is_refused_by_line_in_little_memory(store_env, tmp_path, junk):
+    """Issue 15.8: a labels.csv of tens of MB was read whole (and parsed into a list of every row, many times its
+    size) before any row was checked. It is read row by row; a row longer than any export writes is refused."""
+    import tracemalloc
+
+    import display  # noqa: F401 (imported before measuring: modules are not what is measured)
+    import inputs  # noqa: F401
+
+    members = good_members(5)
+    path = make_zip(tmp_path / "huge.zip", {**members, "labels.csv": manifest_for(members) + JUNK_ROWS[junk]})
+    store = Store.from_env()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="labels.csv line 7"):  # the header, five rows, then the junk
+            store.import_archive(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"reading a {HUGE >> 20} MB labels.csv peaked at {peak / 2**20:.1f} MB"
+    assert store.count() == 0
+
+
+# ---------------------------------------------------------------- every column across a round trip; hashes
+
+def test_export_then_import_keeps_every_column(backend, request, tmp_path, monkeypatch):
+    """Each exported column comes back, the "none of the ten" flag and score included; only the id (the target
+    store's own) and the edit count (how often this store relabelled it, for its undo) start afresh."""
+    from conftest import make_backend
+
+    source = backend.store()
+    batch = [picture(i) for i in range(6)]
+    batch[1] = replace(batch[1], is_ood=True, ood_score=0.8125)
+    batch[2] = replace(batch[2], ood_score=0.03125)
+    batch[4] = replace(batch[4], is_ood=True, ood_score=None)  # older records have no score
+    source.save_predictions(batch)
+    source.save_predictions([replace(batch[3], final_label="frog")])  # relabelled: is_correct 0
+    archive_path = tmp_path / "round-trip.zip"
+    export(source, archive_path)
+    expected = {record.content_hash: record for record in source.list_predictions()}
+    assert {record.is_ood for record in expected.values()} == {True, False}
+
+    target = make_backend(backend.name, request, tmp_path / "target", monkeypatch).store()
+    assert target.import_archive(archive_path).saved == 6
+    restored = {record.content_hash: record for record in target.list_predictions()}
+    assert set(restored) == set(expected)
+    kept = [column for column in EXPECTED_COLUMNS if column not in ("id", "edits")]
+    for content_hash, record in expected.items():
+        for column in kept:
+            assert getattr(restored[content_hash], column) == getattr(record, column), (column, record.source)
+        assert target.image_bytes(restored[content_hash]) == source.image_bytes(record)
+    target.close()
+
+
+def test_a_labels_csv_whose_content_hash_does_not_match_its_image_is_refused(store_env, tmp_path):
+    store = Store.from_env()
+    store.save_predictions([picture(i) for i in range(3)])
+    export(store, tmp_path / "good.zip")
+    with zipfile.ZipFile(tmp_path / "good.zip") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    table = list(csv.DictReader(io.StringIO(members["labels.csv"].decode())))
+    table[1]["content_hash"] = table[0]["content_hash"]  # the second row claims the first row's picture
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    members["labels.csv"] = buffer.getvalue().encode()
+    path = make_zip(tmp_path / "tampered.zip", members)
+    store.clear()
+    with pytest.raises(ArchiveError, match=f"labels.csv line 3: content_hash does not match {table[1]['file']!r}"):
+        store.import_archive(path)
+    assert store.count() == 0 and not list(store.images.stored())
+    store.close()

@@ -12,7 +12,7 @@ from PIL import Image
 
 import classifier as classifier_module
 from classifier import CLASSES, Classifier, WeightsError, build_model, load_classifier, to_uint8_batch
-from conftest import ROOT, image_bytes
+from conftest import ROOT, SplitPass, cannot_run, image_bytes
 
 
 def pictures() -> list[Image.Image]:
@@ -152,41 +152,32 @@ def test_command_line_reports_each_file_and_goes_on_after_a_bad_one(tmp_path):
 # ---------------------------------------------------------------- calibration and "none of the ten"
 
 @pytest.fixture(scope="module")
-def test_sample():
-    """2,000 images of the CIFAR-10 test split (a fixed random sample), as uint8 tensors with their labels."""
-    import train
-    from conftest import cannot_run
-
-    if not train.SHARED_ARCHIVE.is_file():
-        cannot_run(f"CIFAR-10 archive not found at {train.SHARED_ARCHIVE}")
-    data = train.load_cifar10(str(train.SHARED_ARCHIVE))
-    chosen = torch.randperm(len(data["test_y"]), generator=torch.Generator().manual_seed(1))[:2000]
-    return data["test_x"][chosen], data["test_y"][chosen]
+def test_sample(test_split: SplitPass) -> SplitPass:
+    """2,000 images of the CIFAR-10 test split (a fixed random sample), from the run's one pass over the split."""
+    chosen = torch.randperm(len(test_split.labels), generator=torch.Generator().manual_seed(1))[:2000]
+    return test_split.sample(chosen)
 
 
-def test_calibration_changes_no_label_and_keeps_probabilities_summing_to_one(classifier, test_sample):
-    images, _ = test_sample
-    logits, _ = classifier.outputs(images)
-    calibrated = classifier.probabilities(images)
+def test_calibration_changes_no_label_and_keeps_probabilities_summing_to_one(test_sample):
+    logits = test_sample.logits
+    calibrated = torch.tensor([p.probabilities for p in test_sample.predictions])
     assert torch.equal(calibrated.argmax(dim=1), logits.argmax(dim=1))
-    assert torch.allclose(calibrated.sum(dim=1), torch.ones(len(images)), atol=1e-5)
+    assert torch.allclose(calibrated.sum(dim=1), torch.ones(len(logits)), atol=1e-5)
     raw = logits.softmax(dim=1).max(dim=1).values.mean().item()
     assert calibrated.max(dim=1).values.mean().item() > raw + 0.1  # label smoothing's timidity undone
 
 
-def test_confidence_means_what_it_says_on_test_images(classifier, test_sample):
+def test_confidence_means_what_it_says_on_test_images(test_sample):
     """Of the predictions shown at 90% or more, about that share are right; the same below 90%."""
-    images, labels = test_sample
-    predictions = classifier.predict([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    predictions = test_sample.predictions
     confidence = torch.tensor([p.confidence for p in predictions])
-    correct = torch.tensor([CLASSES.index(p.label) for p in predictions]) == labels
+    correct = torch.tensor([CLASSES.index(p.label) for p in predictions]) == test_sample.labels
     for inside in (confidence >= 0.9, confidence < 0.9):
         assert abs(correct[inside].float().mean() - confidence[inside].mean()) < 0.05
 
 
 def test_about_five_percent_of_test_images_are_flagged_none_of_the_ten(classifier, test_sample):
-    images, _ = test_sample
-    predictions = classifier.predict([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    predictions = test_sample.predictions
     flagged = sum(p.is_ood for p in predictions) / len(predictions)
     assert 0.02 < flagged < 0.08, flagged
     assert all((p.ood_score > classifier.novelty.threshold) == p.is_ood for p in predictions)
@@ -197,11 +188,9 @@ def test_photos_of_other_animals_score_higher_than_cifar_images(classifier, test
 
     others = not_cifar10_photos()
     if others is None:
-        from conftest import cannot_run
-
         cannot_run("../shared/data/not-cifar10-dev is missing")
     other_scores = classifier.novelty.scores(classifier.outputs(others)[1])
-    test_scores = classifier.novelty.scores(classifier.outputs(test_sample[0])[1])
+    test_scores = classifier.novelty.scores(test_sample.features)
     assert auroc(other_scores, test_scores) > 0.85
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -138,6 +140,17 @@ def test_undo_leaves_records_someone_changed_since(store):
     assert labels(store) == {"a.png": "ship"}
 
 
+def test_undo_of_a_relabel_leaves_a_label_someone_changed_again_since(store):
+    store.save_predictions([prediction("a", "cat"), prediction("b", "cat")])
+    mine = store.save_predictions([prediction("a", "cat", final="dog"), prediction("b", "cat", final="dog")])
+    store.save_predictions([prediction("a", "cat", final="ship")])  # another person relabels one of them again
+    message = store.undo(mine.change)
+    assert "1 given back its old label" in message and "1 changed by someone else since" in message
+    assert labels(store) == {"a.png": "ship", "b.png": "cat"}
+    [theirs] = store.list_predictions(RecordFilter(labels=("ship",)))
+    assert theirs.edits == 2 and not theirs.is_correct
+
+
 def test_undoing_a_save_reads_no_images(store, monkeypatch):
     """Defect 5: undoing a save read every saved image into memory."""
     result = store.save_predictions([prediction(str(i)) for i in range(5)])
@@ -151,7 +164,7 @@ def test_undoing_a_save_reads_no_images(store, monkeypatch):
 
 def test_clear_removes_rows_and_images(store, backend):
     store.save_predictions([prediction("a"), prediction("b")])
-    assert store.clear() == 2
+    assert store.clear() == db.ClearResult(deleted=2, removal_note="")
     assert store.count() == 0 and backend.image_names() == set()
 
 
@@ -457,15 +470,21 @@ def test_wrong_credentials_and_unreachable_servers_say_which_and_what_to_check(p
     unreachable = opening(**sqlite_env, CIFAR10_IMAGE_STORE="s3://cifar10-tests/creds",
                           **{**s3_server.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
     assert "could not be reached" in unreachable and "127.0.0.1:9" in unreachable
-    assert database  # the good URL works: the refusals above were the credentials and addresses
+    # The right URL and keys open, on the same servers: the refusals above were the credentials and addresses.
+    use_store(monkeypatch, {"CIFAR10_DATABASE_URL": database, "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/creds",
+                            **s3_server.env()})
+    good = Store.from_env()
+    try:
+        assert good.save_predictions([prediction("works")]).saved == 1 and good.count() == 1
+    finally:
+        good.close()
 
 
 # ---------------------------------------------------------------- admin password
 
 def test_admin_password(monkeypatch, tmp_path):
     monkeypatch.delenv("CIFAR10_ADMIN_PASSWORD", raising=False)
-    monkeypatch.setattr(db, "ROOT", tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(db, "SECRETS_FILES", (tmp_path / ".streamlit" / "secrets.toml",))
     assert db.configured_admin_password() is None and db.admin_password_ok("")
     (tmp_path / ".streamlit").mkdir()
     (tmp_path / ".streamlit" / "secrets.toml").write_text('CIFAR10_ADMIN_PASSWORD = "from-secrets"\n')
@@ -473,3 +492,370 @@ def test_admin_password(monkeypatch, tmp_path):
     assert db.admin_password_ok("from-secrets") and not db.admin_password_ok("")
     monkeypatch.setenv("CIFAR10_ADMIN_PASSWORD", "from-env")
     assert db.admin_password_ok("from-env") and not db.admin_password_ok("from-secrets")
+
+
+# ---------------------------------------------------------------- round 2: copies, outages, read-only, small
+
+def _copy_database(backend, tmp_path, monkeypatch) -> None:
+    """Point the environment at a copy of the backend's database (same images): a staging file for SQLite, a
+    pg_dump restored into another database for PostgreSQL."""
+    if backend.name == "sqlite":
+        original = sqlite3.connect(backend.env["CIFAR10_DB_PATH"])
+        copy = sqlite3.connect(tmp_path / "staging.db")
+        original.backup(copy)
+        copy.close()
+        original.close()
+        monkeypatch.setenv("CIFAR10_DB_PATH", str(tmp_path / "staging.db"))
+        return
+    from servers import _find_postgres_bin
+
+    url = backend.env["CIFAR10_DATABASE_URL"]
+    copy_url = url.rsplit("/", 1)[0] + "/" + url.rsplit("/", 1)[1] + "_copy"
+    import psycopg
+
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{copy_url.rsplit("/", 1)[1]}"')
+    dump = subprocess.run([_find_postgres_bin("pg_dump"), "--dbname", url], capture_output=True, check=True)
+    subprocess.run([_find_postgres_bin("psql"), "-q", "-v", "ON_ERROR_STOP=1", "--dbname", copy_url],
+                   input=dump.stdout, capture_output=True, check=True)
+    monkeypatch.setenv("CIFAR10_DATABASE_URL", copy_url)
+
+
+def test_a_copy_of_the_database_never_deletes_the_images_the_original_names(backend, tmp_path, monkeypatch):
+    """Round 2, 1: the mark protecting a shared image store travelled with a copy, whose Clear database then
+    deleted the original's images."""
+    original = backend.store()
+    original.save_predictions([prediction("a"), prediction("b"), prediction("c")])
+    names = backend.image_names()
+    _copy_database(backend, tmp_path, monkeypatch)
+    copy = Store.from_env()
+    try:
+        assert copy.count() == 3 and copy.store_id != original.store_id
+        first = copy.list_predictions()[0]
+        copy.undo(copy.delete_predictions([first.id]))
+        copy.delete_predictions([first.id])
+        saved = copy.save_predictions([prediction("d")])
+        copy.undo(saved.change)
+        copy.remove_leftovers(grace_s=0)
+        copy.clear()
+        assert copy.count() == 0
+    finally:
+        copy.close()
+    assert names <= backend.image_names()
+    assert_every_row_has_its_image(original)
+    reopened = Store.from_env()  # the copy opened again is still a copy: it still may not delete
+    reopened.clear()
+    reopened.close()
+    assert names <= backend.image_names() and original.count() == 3
+
+
+def test_a_mark_left_by_an_older_version_is_never_taken_so_a_copy_made_before_the_upgrade_deletes_nothing(
+        backend, tmp_path, monkeypatch):
+    """Older versions left an empty mark, which cannot tell the original from a copy made before the upgrade:
+    whichever opens first, each takes an id of its own and neither removes an image; Clear says so."""
+    original = backend.store()
+    original.save_predictions([prediction("a"), prediction("b")])
+    original.images.add_owner(original.store_id, "")  # the mark as older versions wrote it
+    names = backend.image_names()
+    _copy_database(backend, tmp_path, monkeypatch)
+    copy = Store.from_env()  # the copy opens first after the upgrade
+    use_store(monkeypatch, backend.env)
+    reopened = Store.from_env()
+    assert len({original.store_id, copy.store_id, reopened.store_id}) == 3
+    cleared = copy.clear()
+    assert cleared.deleted == 2 and "2 images stay in" in cleared.removal_note
+    assert "another database uses it too" in cleared.removal_note
+    copy.close()
+    reopened.undo(reopened.delete_predictions([reopened.list_predictions()[0].id]))
+    reopened.close()
+    assert names <= backend.image_names()
+    assert_every_row_has_its_image(original) and original.count() == 2
+
+
+def test_a_copy_put_where_the_original_was_is_another_database(tmp_path, monkeypatch):
+    """The same path is not enough (a copy at the same path on another machine, sharing a bucket): a copy is
+    another file."""
+    use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "f.db"), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")})
+    original = Store.from_env()
+    original.save_predictions([prediction("a")])
+    names = {name for name, _ in original.images.stored()}
+    shutil.move(tmp_path / "f.db", tmp_path / "elsewhere.db")
+    copy = sqlite3.connect(tmp_path / "f.db")
+    sqlite3.connect(tmp_path / "elsewhere.db").backup(copy)
+    copy.close()
+    same_path = Store.from_env()
+    assert same_path.store_id != original.store_id and same_path.count() == 1
+    same_path.clear()
+    assert {name for name, _ in original.images.stored()} == names
+
+
+def test_one_image_folder_reached_through_a_link_keeps_one_set_of_marks(tmp_path, monkeypatch):
+    """A second database on the same folder through a symbolic link saw no other mark, and cleared the folder."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "a.db"), "CIFAR10_IMAGE_DIR": str(tmp_path / "real")})
+    first = Store.from_env()
+    first.save_predictions([prediction("a")])
+    use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "b.db"), "CIFAR10_IMAGE_DIR": str(tmp_path / "link")})
+    second = Store.from_env()
+    second.remove_leftovers(grace_s=0)
+    second.clear()
+    assert_every_row_has_its_image(first)
+
+
+def test_a_record_dated_on_the_last_day_there_is_can_be_filtered(store):
+    """An imported record of 31 December 9999 broke History's date filter (the day after it does not exist)."""
+    store.save_predictions([prediction("a")])
+    assert store.count(RecordFilter(since=date(2000, 1, 1), until=date.max)) == 1
+
+
+def _freeze_folder(folder, frozen: bool) -> None:
+    """chattr +i: files stay readable, nothing in the folder can be created or removed, even by root."""
+    subprocess.run(["chattr", "+i" if frozen else "-i", str(folder)], check=True)
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_removals_that_fail_say_what_committed_keep_the_undo_and_finish_once_the_images_can_be_removed(
+        tmp_path, monkeypatch):
+    """Round 2, 3 (folder): Delete, Undo and Clear committed their rows, then said nothing happened (and Delete
+    lost its undo) when the image clean-up failed; the images are removed later, without a restart."""
+    monkeypatch.setattr(db, "CLEANUP_RETRY_S", 0.2)
+    folder = tmp_path / "images"
+    use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "f.db"), "CIFAR10_IMAGE_DIR": str(folder)})
+    store = Store.from_env()
+    store.save_predictions([prediction("a"), prediction("b")])
+    later = store.save_predictions([prediction("c")])
+    victim = store.list_predictions(RecordFilter(labels=("cat",)))[-1]
+    _freeze_folder(folder, True)
+    try:
+        change = store.delete_predictions([victim.id])
+        assert change is not None and "1 image will be removed" in change.removal_note and store.count() == 2
+        undone = store.undo(later.change)
+        assert undone.startswith("Undid the save of 1 image: 1 removed") and "1 image will be removed" in undone
+        cleared = store.clear()
+        assert cleared.deleted == 1 and "1 image will be removed" in cleared.removal_note and store.count() == 0
+        assert len({name for name, _ in store.images.stored()}) == 3  # nothing could go yet
+    finally:
+        _freeze_folder(folder, False)
+    assert _wait_for(lambda: not any(folder.iterdir()))
+    assert "1 restored" in store.undo(change)  # the delete's undo still works: it kept the bytes
+    assert_every_row_has_its_image(store)
+    store.close()
+
+
+def test_an_object_store_down_during_undo_and_clear(request, monkeypatch):
+    """Round 2, 3 (S3, stopped): the rows go, the page is told so, the images go once the store is back."""
+    from servers import SeaweedServer
+
+    monkeypatch.setattr(db, "CLEANUP_RETRY_S", 0.2)
+    s3 = SeaweedServer()
+    try:
+        postgres = request.getfixturevalue("postgres_server")
+        use_store(monkeypatch, {"CIFAR10_DATABASE_URL": postgres.database("cleanup_later"),
+                                "CIFAR10_IMAGE_STORE": "s3://cifar10-later/x", **s3.env()})
+        store = Store.from_env()
+        store.save_predictions([prediction("a"), prediction("b")])
+        later = store.save_predictions([prediction("c")])
+        s3.stop()
+        with pytest.raises(StoreError):  # a delete must read the image first (its undo needs the bytes)
+            store.delete_predictions([store.list_predictions()[0].id])
+        assert store.count() == 3
+        assert "1 image will be removed" in store.undo(later.change) and store.count() == 2
+        cleared = store.clear()
+        assert cleared.deleted == 2 and "2 images will be removed" in cleared.removal_note and store.count() == 0
+        s3.start()
+        assert _wait_for(lambda: not {name for name, _ in store.images.stored()})
+        store.close()
+    finally:
+        s3.close()
+
+
+def _make_read_only(url: str, read_only: bool) -> None:
+    """What a failover to a standby or a maintenance window does: new transactions are read-only."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
+        connection.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if read_only else "off"}')
+        connection.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                           "AND pid <> pg_backend_pid()", (name,))
+
+
+def test_a_read_only_postgres_refuses_writes_clearly_and_still_opens_for_reading(request, tmp_path, monkeypatch):
+    """Round 2, 7: Save and Delete crashed the page, and a server started then could not open the store."""
+    from conftest import make_backend
+
+    backend = make_backend("postgres", request, tmp_path, monkeypatch)
+    url = backend.env["CIFAR10_DATABASE_URL"]
+    store = backend.store()
+    store.save_predictions([prediction("a")])
+    _make_read_only(url, True)
+    try:
+        for write in (lambda s: s.save_predictions([prediction("b")]),
+                      lambda s: s.delete_predictions([s.list_predictions()[0].id]), lambda s: s.clear()):
+            with pytest.raises(StoreError, match="read-only") as caught:
+                write(store)
+            assert "nothing was" in str(caught.value).lower()
+        started_now = Store.from_env()
+        assert started_now.count() == 1 and started_now.summary().total == 1
+        assert started_now.list_predictions()[0].source == "a.png"
+        assert b"".join(started_now.iter_csv()).count(b"\n") == 2
+        with pytest.raises(StoreError, match="read-only"):
+            started_now.save_predictions([prediction("b")])
+        started_now.close()
+    finally:
+        _make_read_only(url, False)
+    assert store.save_predictions([prediction("b")]).saved == 1
+    backend.close()
+
+
+def test_undo_of_a_delete_brings_back_the_stored_thumbnail(store):
+    """Round 2, 10."""
+    item = replace(prediction("a"), thumbnail=b"small jpeg")
+    store.save_predictions([item])
+    [record] = store.list_predictions()
+    store.undo(store.delete_predictions([record.id]))
+    assert store.thumbnails(store.list_predictions()) == {record.id: b"small jpeg"}
+
+
+def test_export_names_the_records_it_could_not_write(backend, tmp_path):
+    """Round 2, 10: records whose image is missing were dropped from `python db.py export` without a word."""
+    store = backend.store()
+    store.save_predictions([prediction("kept"), prediction("lost", source="lost-photo.png")])
+    lost = store.list_predictions(RecordFilter())[0]
+    assert lost.source == "lost-photo.png"
+    store.images.delete_many([lost.image_file])
+    run = subprocess.run([sys.executable, str(ROOT / "db.py"), "export", str(tmp_path / "out.zip")],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "wrote 1 record" in run.stderr and "lost-photo.png" in run.stderr and "Traceback" not in run.stderr
+
+
+SHIPPED_MIGRATION_3 = """
+    CREATE TABLE store_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        store_id TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        last_id BIGINT NOT NULL
+    );
+    INSERT INTO store_meta (id, store_id, revision, last_id) SELECT 1, '', 0, COALESCE(MAX(id), 0) FROM predictions;
+    ALTER TABLE predictions ADD COLUMN edits INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX predictions_created_at ON predictions (created_at, id);
+    """  # as released in e8744e3
+
+
+@pytest.mark.parametrize("version", [3, 5])
+def test_migration_3_is_as_shipped_and_every_database_gets_the_indexes_added_later(tmp_path, version):
+    """Round 2, 10: migration 3 was edited after it shipped, so a database it had migrated never got the new
+    indexes. The released text is kept, and a later migration adds them to every database."""
+    assert db.MIGRATIONS[2] == SHIPPED_MIGRATION_3
+    path = tmp_path / "old.db"
+    connection = sqlite3.connect(path)
+    for migration in db.MIGRATIONS[:version]:
+        connection.executescript(migration)
+    connection.execute(f"PRAGMA user_version = {version}")
+    connection.commit()
+    connection.close()
+    Store(db.SQLiteDatabase(path), db.FolderImages(tmp_path / "images")).close()
+    indexes = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"predictions_labels", "predictions_created_at"} <= indexes and "predictions_final_label" not in indexes
+
+
+def test_multi_picture_jpegs_saved_by_older_versions_are_removed_like_any_image(store, backend):
+    """Round 2, 9: older versions stored MPO pictures as <hash>.mpo, which clean-up and Clear never removed."""
+    store.save_predictions([replace(prediction("camera"), extension="mpo"), prediction("plain")])
+    assert any(name.endswith(".mpo") for name in backend.image_names())
+    store.clear()
+    assert backend.image_names() == set()
+
+
+def test_the_csv_download_is_whole_past_its_internal_buffer(tmp_path):
+    """iter_csv hands over its buffer every db.BATCH rows and rewinds it: more than two buffers' worth must come out
+    exactly once each (1,200 records gave 2,702 rows when the rewind was lost)."""
+    import csv
+    import io
+
+    store = Store(db.SQLiteDatabase(tmp_path / "many.db"), db.FolderImages(tmp_path / "images"))
+    count = 2 * db.BATCH + 200
+    store.save_predictions([NewPrediction(hashlib.sha256(b"%d" % i).hexdigest(), b"%d" % i, "png", f"{i}.png", "cat",
+                                          0.5, "cat", "t") for i in range(count)])
+    text = b"".join(store.iter_csv()).decode()
+    assert text.count("\n") == count + 1
+    table = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert len(table) == count and len({row["id"] for row in table}) == count
+    assert {row["source"] for row in table} == {f"{i}.png" for i in range(count)}
+    store.close()
+
+
+HANG_IN_TRANSACTION_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import db
+
+store = db.Store.from_env()
+real_insert = db._insert
+def insert_then_hang(cursor, rows):
+    ids = real_insert(cursor, rows)
+    print("inserted", flush=True)  # every image written and every row inserted, not committed
+    time.sleep(120)
+    return ids
+db._insert = insert_then_hang
+store.save_predictions([db.NewPrediction(f"{i:064x}", b"%d" % i, "png", f"{i}.png", "cat", 0.9, "cat", "v")
+                        for i in range(50)])
+print("committed", flush=True)
+"""
+
+
+def _write_lock_is_held(backend) -> bool:
+    """Whether another connection is holding the store's write lock now (asked without waiting for it)."""
+    if backend.name == "sqlite":
+        connection = sqlite3.connect(backend.env["CIFAR10_DB_PATH"], timeout=0, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            connection.close()
+    import psycopg
+
+    with psycopg.connect(backend.env["CIFAR10_DATABASE_URL"]) as connection:
+        try:
+            connection.execute("SELECT id FROM store_meta WHERE id = 1 FOR UPDATE NOWAIT")
+            return False
+        except psycopg.errors.LockNotAvailable:
+            return True
+
+
+def test_a_save_killed_inside_its_transaction_keeps_all_or_nothing_and_no_row_without_its_image(backend):
+    """The other kill test kills while images are written, before any row is: this one kills after every row of
+    the batch is inserted, while the save holds the write lock, just before COMMIT."""
+    store = backend.store()
+    store.save_predictions([prediction("kept")])
+    process = subprocess.Popen([sys.executable, "-c", HANG_IN_TRANSACTION_SCRIPT, str(ROOT)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline().strip() == "inserted"
+        assert _wait_for(lambda: _write_lock_is_held(backend), timeout=10)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert _wait_for(lambda: not _write_lock_is_held(backend))  # PostgreSQL notices the dropped connection
+    assert labels(store) == {"kept.png": "cat"} and store.count() == 1  # none of the killed batch
+    assert_every_row_has_its_image(store)
+    assert len(backend.image_names()) == 51  # the killed save had written its images...
+    assert store.remove_leftovers(grace_s=0) == 50  # ...which the clean-up removes
+    assert backend.image_names() == {store.list_predictions()[0].image_file}
+    assert store.save_predictions([prediction("after")]).saved == 1
+    if backend.name == "sqlite":
+        with sqlite3.connect(backend.env["CIFAR10_DB_PATH"]) as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -52,25 +54,13 @@ def test_loopback_is_refused_by_default_in_every_spelling(local_server, host, mo
     assert local_server.requests == []
 
 
-@pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                                     "0.0.0.0", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::", "fe80::1",
-                                     "fd00::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "64:ff9b::a00:1"])
-def test_address_check_refuses_private_and_special_ranges(address):
-    """The check itself, as a pure function: numeric hosts resolve without any network traffic."""
-    from requests_hardened.ip_filter import InvalidIPAddress, get_ip_address
-
-    with pytest.raises(InvalidIPAddress):
-        get_ip_address(address, 80, allow_loopback=False)
-
-
-def test_loopback_policy_allows_only_loopback(monkeypatch):
-    from requests_hardened.ip_filter import InvalidIPAddress, get_ip_address
-
-    assert str(get_ip_address("127.0.0.1", 80, allow_loopback=True)[0]) == "127.0.0.1"
-    with pytest.raises(InvalidIPAddress):
-        get_ip_address("169.254.169.254", 80, allow_loopback=True)
+def test_the_policy_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CIFAR10_ALLOW_PRIVATE_URLS", raising=False)
+    assert inputs.private_url_policy() == "none"
     monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
     assert inputs.private_url_policy() == "loopback"
+    monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "1")
+    assert inputs.private_url_policy() == "all"
     monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "yes please")
     assert inputs.private_url_policy() == "none"
 
@@ -99,9 +89,85 @@ def test_a_body_that_is_no_image_is_refused_when_decoded_naming_the_url(local_se
     assert url in str(caught.value) and "not an accepted image" in str(caught.value)
 
 
-def test_declared_size_over_the_cap_is_refused_before_reading(local_server, allow_loopback_urls):
-    local_server.routes["/big.png"] = Route(body=PNG)
-    assert "limit" in refused(local_server.url("/big.png"), max_bytes=len(PNG) - 1)
+class OneSlowResponse:
+    """A one-connection HTTP server on 127.0.0.1 that sends a 200 with this Content-Length, then a byte of the
+    body every `drip` seconds (never a byte if drip is None) until the client hangs up, which it records."""
+
+    def __init__(self, content_length: int, drip: float | None) -> None:
+        self.content_length, self.drip = content_length, drip
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.bytes_sent = 0
+        self.hung_up = threading.Event()  # the client closed the connection
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/slow.png") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _serve(self) -> None:
+        self.listener.settimeout(10)
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:  # no client came
+            return
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                received = connection.recv(4096)
+                if not received:
+                    return
+                request += received
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+                               b"Content-Length: %d\r\n\r\n" % self.content_length)
+            while not self.stop.is_set():
+                readable, _, _ = select.select([connection], [], [], self.drip or 0.05)
+                try:
+                    if readable and not connection.recv(1):
+                        break  # end of stream: the client closed its side
+                    if not readable and self.drip:
+                        connection.send(b"\0")
+                        self.bytes_sent += 1
+                except OSError:  # reset: the client closed with unread bytes
+                    break
+            else:
+                return
+        self.hung_up.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_response():
+    made = []
+
+    def make(content_length: int, drip: float | None) -> OneSlowResponse:
+        made.append(OneSlowResponse(content_length, drip))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def test_declared_size_over_the_cap_is_refused_before_reading(slow_response, allow_loopback_urls):
+    """Only the headers come, never a byte of the body: the refusal can only come from Content-Length."""
+    server = slow_response(content_length=3 * 2**20, drip=None)
+    message = refused(server.url(), max_bytes=2**20, deadline_s=5.0)
+    assert "is 3.0 MB; the limit is 1 MB" in message
+    assert server.hung_up.wait(2.0)  # and the connection was closed, not left waiting for the body
+
+
+def test_a_body_dripping_past_the_deadline_is_abandoned_not_read_on(slow_response, allow_loopback_urls):
+    """After fetch_image gives up, the worker must hang up, not go on reading the drip in the background."""
+    server = slow_response(content_length=100_000, drip=0.05)  # 100,000 bytes at 20 a second
+    assert "took longer than 1 s in all" in refused(server.url(), deadline_s=1.0)
+    assert server.bytes_sent > 0  # the body had begun to arrive
+    assert server.hung_up.wait(5.0), "the connection was still being read after fetch_image gave up"
 
 
 def test_size_cap_holds_without_content_length(local_server, allow_loopback_urls):
@@ -188,75 +254,118 @@ def test_redirect_to_another_scheme_is_refused(local_server, allow_loopback_urls
 
 
 # ------------------------------------------------------------ private addresses, in a network namespace of our own
+# fetch_image itself, guard and all, is tried on every kind of private and special address. It runs in a network
+# namespace made for the purpose (unshare -n): only a loopback interface, no route out, so even a broken guard
+# sends nothing off this machine. The namespace owns the unicast addresses and serves on all of them, so with
+# the guard off those fetches succeed: the refusals are the guard's, not an unreachable network's.
+
+# (host in the URL, whether the namespace serves it once private addresses are allowed)
+PRIVATE_ADDRESSES = [
+    ("10.0.0.1", True), ("172.16.5.4", True), ("192.168.1.1", True),          # RFC 1918
+    ("169.254.169.254", True),                                                # link-local: cloud metadata
+    ("100.64.0.1", True),                                                     # carrier-grade NAT
+    ("198.18.0.1", True),                                                     # benchmarking
+    ("0.0.0.0", True), ("[::]", True),                                        # "this host"
+    ("224.0.0.1", False), ("[ff02::1]", False),                               # multicast
+    ("240.0.0.1", False), ("255.255.255.255", False),                         # reserved, broadcast
+    ("[fe80::1]", False), ("[fd00::1]", True),                                # IPv6 link-local, unique local
+    ("[::ffff:10.0.0.1]", True), ("[::ffff:a9fe:a9fe]", True),                # IPv4-mapped IPv6
+    ("[64:ff9b::a00:1]", False),                                              # NAT64
+    ("167772161", True), ("0xa000001", True), ("012.0.0.1", True),            # 10.0.0.1 spelt otherwise
+]
+NAMESPACE_OWNS = ["10.0.0.1/32", "172.16.5.4/32", "192.168.1.1/32", "169.254.169.254/32", "100.64.0.1/32",
+                  "198.18.0.1/32", "fd00::1/128"]
 
 NAMESPACE_SCRIPT = r"""
-import json, os, subprocess, sys, threading
+import json, os, socket, subprocess, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-if subprocess.run(["ip", "route", "show", "default"], capture_output=True, text=True).stdout.strip():
-    sys.exit("refusing to run: this namespace has a default route")
-for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "10.0.0.1/32", "dev", "lo"],
-                ["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"], ["ip", "-6", "addr", "add", "fd00::1/128", "dev", "lo"]):
-    subprocess.run(command, check=True)
+for family in ("-4", "-6"):
+    if subprocess.run(["ip", family, "route", "show", "default"], capture_output=True, text=True).stdout.strip():
+        sys.exit("refusing to run: this namespace has a default route")
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+for address in json.loads(sys.argv[3]):
+    subprocess.run(["ip", "addr", "add", address, "dev", "lo"], check=True)
 
 png = bytes.fromhex(sys.argv[1])
 hits = []
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
-        hits.append(self.server.server_address[0] + self.path)
+        hits.append(self.connection.getsockname()[0].removeprefix('::ffff:') + self.path)
         if self.path == "/hop":
-            self.send_response(302); self.send_header("Location", "http://169.254.169.254:8080/latest/meta-data"); self.end_headers()
+            self.send_response(302); self.send_header("Location", "http://169.254.169.254:8080/x.png"); self.end_headers()
             return
         self.send_response(200); self.send_header("Content-Length", str(len(png))); self.end_headers(); self.wfile.write(png)
     def log_message(self, *args): pass
 
-class Server6(ThreadingHTTPServer):
-    import socket
+class EveryAddress(ThreadingHTTPServer):  # [::]:8080, IPv4 too: every address the namespace has
     address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
-servers = [ThreadingHTTPServer((host, 8080), Handler) for host in ("127.0.0.1", "10.0.0.1", "169.254.169.254")]
-servers.append(Server6(("fd00::1", 8080), Handler))
-for server in servers:
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+server = EveryAddress(("::", 8080), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
 
 sys.path.insert(0, sys.argv[2])
 import inputs
 
 def attempt(url):
     try:
-        return "ok" if inputs.fetch_image(url) == png else "wrong body"
+        return "ok" if inputs.fetch_image(url, deadline_s=5.0) == png else "wrong body"
     except inputs.FetchError as error:
         return str(error)
 
-urls = ["http://10.0.0.1:8080/x.png", "http://169.254.169.254:8080/latest/meta-data", "http://[fd00::1]:8080/x.png",
-        "http://[::ffff:a00:1]:8080/x.png", "http://167772161:8080/x.png"]
-results = {"default": {url: attempt(url) for url in urls}, "hits_default": list(hits)}
+urls = ["http://%s:8080/x.png" % host for host in json.loads(sys.argv[4])]
+results = {}
+for policy in ("", "loopback", "1"):
+    os.environ["CIFAR10_ALLOW_PRIVATE_URLS"] = policy
+    del hits[:]
+    results[policy or "default"] = {url: attempt(url) for url in urls}
+    results[(policy or "default") + " hits"] = list(hits)
 os.environ["CIFAR10_ALLOW_PRIVATE_URLS"] = "loopback"
-results["hop"] = attempt("http://127.0.0.1:8080/hop")
-results["hits_hop"] = list(hits)
-os.environ["CIFAR10_ALLOW_PRIVATE_URLS"] = "1"
-results["allowed"] = {url: attempt(url) for url in urls}
+del hits[:]
+results["loopback direct"] = attempt("http://127.0.0.1:8080/x.png")
+results["loopback hop"] = attempt("http://127.0.0.1:8080/hop")
+results["loopback hop hits"] = list(hits)
 print(json.dumps(results))
 """
 
 
-def test_private_link_local_and_metadata_addresses_are_refused_in_a_private_namespace(tmp_path):
+@pytest.fixture(scope="module")
+def namespace():
+    """What fetch_image made of every private address, under each policy, in a network namespace of its own."""
     if not shutil.which("unshare") or not shutil.which("ip"):
         cannot_run("needs unshare and ip (util-linux, iproute2) to build a private network namespace")
     probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
     if probe.returncode != 0:
         cannot_run(f"cannot create a network namespace here: {probe.stderr.decode().strip()}")
     env = {key: value for key, value in os.environ.items() if key != "CIFAR10_ALLOW_PRIVATE_URLS"}
-    run = subprocess.run(["unshare", "-n", sys.executable, "-c", NAMESPACE_SCRIPT, PNG.hex(), str(ROOT)],
+    run = subprocess.run(["unshare", "-n", sys.executable, "-c", NAMESPACE_SCRIPT, PNG.hex(), str(ROOT),
+                          json.dumps(NAMESPACE_OWNS), json.dumps([host for host, _ in PRIVATE_ADDRESSES])],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    for url, outcome in results["default"].items():
-        assert "private or local address" in outcome, (url, outcome)
-    assert results["hits_default"] == []
-    # Loopback allowed: the first hop goes through, the redirect to the metadata address does not.
-    assert "private or local address" in results["hop"]
-    assert results["hits_hop"] == ["127.0.0.1/hop"]
-    # The same servers are reachable once private addresses are allowed: the refusals above were the guard.
-    assert all(outcome == "ok" for outcome in results["allowed"].values()), results["allowed"]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("host, served", PRIVATE_ADDRESSES, ids=[host for host, _ in PRIVATE_ADDRESSES])
+def test_fetch_image_refuses_every_private_and_special_address(namespace, host, served):
+    url = f"http://{host}:8080/x.png"
+    for policy in ("default", "loopback"):
+        assert "private or local address" in namespace[policy][url] and url in namespace[policy][url], \
+            (policy, namespace[policy][url])
+    # The control: with private addresses allowed the guard says nothing, and what the namespace serves arrives.
+    allowed = namespace["1"][url]
+    assert "private or local address" not in allowed and (allowed == "ok") == served, allowed
+
+
+def test_the_guard_refuses_before_connecting(namespace):
+    assert namespace["default hits"] == [] and namespace["loopback hits"] == []
+    assert len(namespace["1 hits"]) == sum(served for _, served in PRIVATE_ADDRESSES)
+
+
+def test_loopback_policy_allows_loopback_but_not_a_redirect_to_a_private_address(namespace):
+    assert namespace["loopback direct"] == "ok"
+    assert "private or local address" in namespace["loopback hop"]
+    assert namespace["loopback hop hits"] == ["127.0.0.1/x.png", "127.0.0.1/hop"]  # the redirect never connected

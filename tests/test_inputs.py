@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,12 +18,29 @@ from conftest import image_bytes
 from inputs import InvalidImageError, load_image, read_image_input
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny but valid-looking PNG whose header claims a huge size (a decompression bomb)."""
+def png_file(header: bytes, pixel_data: bytes) -> bytes:
+    """A PNG written by hand, for what Pillow will not write: a lying header, 16 bits with alpha."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel_data))
+            + chunk(b"IEND", b""))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny but valid-looking PNG whose header claims a huge size (a decompression bomb)."""
+    return png_file(struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0), b"\x00" * 64)
+
+
+def png_16_bit_with_alpha(pixels: np.ndarray) -> bytes:
+    """A 16-bit grey+alpha (last axis 2) or RGBA (last axis 4) PNG; Pillow reads these but cannot write them."""
+    height, width, channels = pixels.shape
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 4: 6}[channels], 0, 0, 0)
+    return png_file(header, b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels))
+
+
+def mpo_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
+    """A multi-picture JPEG (MPO, as phones and 3D cameras write): image_bytes' picture first, then a blue one."""
+    return image_bytes("MPO", size=size, save_all=True, append_images=[Image.new("RGB", size, (0, 0, 255))])
 
 
 def refused(data: bytes, name: str = "upload.jpg") -> str:
@@ -115,30 +134,82 @@ def test_cmyk_jpeg_becomes_rgb():
     assert image.mode == "RGB" and red > 150 and green < 90 and blue < 90
 
 
-def test_16_bit_png_is_scaled_not_clipped():
-    image16 = Image.new("I;16", (32, 32), 32768)  # half of 65535: mid grey, not white
+@pytest.mark.parametrize("value", [0, 200, 255, 256, 32768, 65535])
+def test_16_bit_png_keeps_its_brightness(value):
+    """0..65535 maps onto 0..255 whatever the values: a dark 16-bit picture stays dark, a bright one bright."""
     buffer = io.BytesIO()
-    image16.save(buffer, "PNG")
+    Image.fromarray(np.full((32, 32), value, np.uint16)).save(buffer, "PNG")
     image = load_image(buffer.getvalue(), "deep.png")
-    assert image.mode == "RGB"
-    assert all(120 <= value <= 135 for value in image.getpixel((3, 3)))
+    assert image.mode == "RGB" and image.getpixel((3, 3)) == (value >> 8,) * 3
 
 
-def test_palette_png_with_transparency_is_flattened_on_white():
-    image = Image.new("P", (20, 20), 0)
-    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    image.paste(1, (10, 0, 20, 20))
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I", "F"])
+@pytest.mark.parametrize("value", [200, 40000])
+def test_every_16_and_32_bit_mode_is_read_as_0_to_65535(mode, value):
+    assert inputs._to_rgb(Image.new(mode, (4, 4), value)).getpixel((1, 1)) == (value >> 8,) * 3
+
+
+TRANSPARENT_CASES = ["RGBA", "LA", "P", "PA", "GIF", "WEBP", "RGB+tRNS", "L+tRNS", "I;16+tRNS", "LA 16-bit",
+                     "RGBA 16-bit"]
+
+
+def half_transparent(case: str) -> tuple[bytes | Image.Image, tuple[int, int, int]]:
+    """20x20 in one of TRANSPARENT_CASES: the left half fully transparent over black, the right half opaque.
+    Returns the file (or, for PA, which no accepted format writes, the image) and the opaque half's colour."""
+    shown = (200, 30, 30)
     buffer = io.BytesIO()
-    image.save(buffer, "PNG", transparency=0)
-    result = load_image(buffer.getvalue(), "palette.png")
-    assert result.getpixel((2, 2)) == (255, 255, 255) and result.getpixel((15, 5)) == (255, 0, 0)
+    if case in ("RGBA", "LA", "WEBP"):
+        image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+        image.paste((*shown, 255), (10, 0, 20, 20))
+        if case == "LA":
+            image, shown = image.convert("LA"), (81, 81, 81)
+        image.save(buffer, "WEBP" if case == "WEBP" else "PNG", lossless=True)
+    elif case in ("P", "PA", "GIF"):
+        image = Image.new("P", (20, 20), 0)
+        image.putpalette([0, 0, 0, *shown])
+        image.paste(1, (10, 0, 20, 20))
+        if case == "PA":
+            image = image.convert("PA")
+            image.putalpha(0)
+            image.paste((1, 255), (10, 0, 20, 20))
+            return image, shown
+        image.save(buffer, "GIF" if case == "GIF" else "PNG", transparency=0)
+    elif case in ("RGB+tRNS", "L+tRNS"):
+        image = Image.new("RGB", (20, 20), (0, 0, 0))
+        image.paste(shown, (10, 0, 20, 20))
+        if case == "L+tRNS":
+            image, shown = image.convert("L"), (81, 81, 81)
+        image.save(buffer, "PNG", transparency=(0, 0, 0) if image.mode == "RGB" else 0)
+    elif case == "I;16+tRNS":
+        values = np.zeros((20, 20), np.uint16)
+        values[:, 10:] = 40000
+        Image.fromarray(values).save(buffer, "PNG", transparency=0)
+        shown = (40000 >> 8,) * 3
+    else:
+        channels = 2 if case == "LA 16-bit" else 4
+        pixels = np.zeros((20, 20, channels), np.uint16)
+        pixels[:, 10:] = [40000] * (channels - 1) + [65535]
+        return png_16_bit_with_alpha(pixels), (40000 >> 8,) * 3
+    return buffer.getvalue(), shown
 
 
-def test_rgba_png_is_flattened_on_white():
-    rgba = Image.new("RGBA", (10, 10), (0, 0, 255, 0))
+@pytest.mark.parametrize("case", TRANSPARENT_CASES)
+def test_transparency_is_flattened_onto_the_same_background_in_every_mode(case):
+    picture, shown = half_transparent(case)
+    image = inputs._to_rgb(picture) if isinstance(picture, Image.Image) else load_image(picture, f"{case}.png")
+    assert image.getpixel((3, 10)) == inputs.BACKGROUND
+    assert all(abs(got - want) <= 2 for got, want in zip(image.getpixel((16, 10)), shown))
+
+
+def test_a_transparent_colour_never_bleeds_in_when_shrunk():
+    """A PNG whose transparency is one colour (tRNS): shrinking must not mix that hidden colour into its neighbours."""
+    image = Image.new("RGB", (1024, 1024), (255, 0, 0))      # red is the transparent colour...
+    for x in range(1, 1024, 2):
+        image.paste((0, 0, 255), (x, 0, x + 1, 1024))         # ...every other column opaque blue
     buffer = io.BytesIO()
-    rgba.save(buffer, "PNG")
-    assert load_image(buffer.getvalue(), "clear.png").getpixel((1, 1)) == (255, 255, 255)
+    image.save(buffer, "PNG", transparency=(255, 0, 0))
+    red, green, blue = load_image(buffer.getvalue(), "striped.png").getpixel((200, 200))
+    assert abs(red - green) <= 8 and blue > 240  # half blue on white, never purple
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "1", "P", "RGBA", "I;16"])
@@ -160,18 +231,35 @@ def test_modes_only_other_formats_carry_become_rgb(mode):
     assert inputs._to_rgb(Image.new(mode, (8, 8))).mode == "RGB"
 
 
-def test_exif_orientation_is_applied():
-    # Stored 60x40 (landscape) with orientation 6 "rotate 90 CW": shown upright it is 40x60 (portrait).
-    stored = Image.new("RGB", (60, 40), (255, 0, 0))
-    stored.paste((0, 0, 255), (0, 0, 60, 20))  # top half blue as stored
+SMALL, BIG = (60, 40), (4800, 3600)  # BIG: 17 MP, above inputs.LARGE_DECODE_PIXELS
+
+
+@pytest.mark.parametrize("image_format, mode, size", [
+    ("JPEG", "RGB", SMALL), ("PNG", "RGB", SMALL), ("WEBP", "RGB", SMALL),   # decoded whole
+    ("JPEG", "RGB", BIG), ("MPO", "RGB", BIG),                               # decoded at 1/8 scale
+    ("PNG", "RGB", BIG), ("WEBP", "RGB", BIG), ("PNG", "I;16", BIG),         # reduced in bands
+])
+def test_exif_orientation_is_applied_on_every_decode_path(image_format, mode, size):
+    """Stored landscape with orientation 6 ("rotate 90 CW"): upright it is portrait, the stored top on the right."""
+    width, height = size
+    if mode == "RGB":
+        stored = Image.new("RGB", size, (255, 0, 0))
+        stored.paste((0, 0, 255), (0, 0, width, height // 2))  # top half blue as stored
+        top, bottom = (0, 0, 255), (255, 0, 0)
+    else:
+        values = np.zeros((height, width), np.uint16)
+        values[: height // 2] = 65535                           # top half white as stored
+        stored, top, bottom = Image.fromarray(values), (255, 255, 255), (0, 0, 0)
     exif = Image.Exif()
     exif[0x0112] = 6
     buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", exif=exif, quality=95)
-    upright = load_image(buffer.getvalue(), "phone.jpg")
-    assert upright.size == (40, 60)
-    # The stored top (blue) ends up on the right after a 90 degree clockwise turn.
-    assert upright.getpixel((35, 30))[2] > 200 and upright.getpixel((5, 30))[0] > 200
+    extra = {"save_all": True, "append_images": [stored]} if image_format == "MPO" else {}
+    stored.save(buffer, image_format, exif=exif, quality=90, compress_level=1, **extra)
+    upright = load_image(buffer.getvalue(), f"phone.{image_format.lower()}")
+    assert upright.size == ((40, 60) if size == SMALL else (384, 512))
+    middle = upright.height // 2
+    right, left = upright.getpixel((upright.width - 5, middle)), upright.getpixel((4, middle))
+    assert all(abs(got - want) <= 40 for got, want in zip(right + left, top + bottom))
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale():
@@ -180,11 +268,24 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
     assert image.size == (500, 375)  # decoded at 1/8 scale, not 4000x3000 then shrunk
 
 
+def test_large_multi_picture_jpeg_is_decoded_at_reduced_scale_like_a_jpeg():
+    assert load_image(mpo_bytes(size=(4000, 3000)), "big.mpo").size == (500, 375)
+
+
+def test_multi_picture_jpeg_is_stored_as_jpg_and_gives_its_first_picture():
+    data = mpo_bytes()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    item = read_image_input(data, "phone.jpg")
+    assert item.extension == "jpg"
+    red, green, blue = item.image.getpixel((5, 5))  # image_bytes' left half (200, 30, 30), not the blue second picture
+    assert red > 180 and green < 60 and blue < 60
+
+
 def test_read_image_input_names_files_by_content_hash_and_format():
     data = image_bytes("JPEG")
     item = read_image_input(data, "../../etc/passwd<script>.png")
-    assert item.extension == "jpg" and len(item.content_hash) == 64
-    assert item.source == "../../etc/passwd<script>.png"
+    assert item.extension == "jpg" and item.content_hash == hashlib.sha256(data).hexdigest()  # of the bytes kept
+    assert item.source == "../../etc/passwd<script>.png" and item.data == data
 
 
 @settings(max_examples=300, deadline=2000)

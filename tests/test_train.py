@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import train
 import finetune
-from classifier import CLASSES, file_sha256, load_classifier
+from classifier import CLASSES, file_sha256, load_classifier, normalize
+from conftest import ROOT
 
 
 def make_image_folder(root, per_class: int) -> None:
@@ -57,13 +62,41 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[100] == 0.0 and all(a >= b for a, b in zip(rates[20:], rates[21:]))
 
 
-def test_augment_keeps_shape_and_flips_and_shifts():
-    generator = torch.Generator().manual_seed(0)
-    images = torch.arange(32, dtype=torch.uint8).repeat(64, 3, 32, 1)  # each row counts 0..31 left to right
-    out = train.augment(images, translate=4, cutout=0, generator=generator)
+def random_images(n: int) -> torch.Tensor:
+    """Noise pictures: no two shifts or mirrorings of one look alike, so each output says which it was."""
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_augment_mirrors_about_half_the_images():
+    images = random_images(64)
+    out = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
-    firsts = out[:, 0, 16, 16]
-    assert len(set(firsts.tolist())) > 4  # different shifts / flips per image
+    plain, mirrored = normalize(images), normalize(images.flip(3))  # left-right: the last axis is the width
+    as_is = [torch.equal(out[i], plain[i]) for i in range(64)]
+    flipped = [torch.equal(out[i], mirrored[i]) for i in range(64)]
+    assert all(a != b for a, b in zip(as_is, flipped))  # each image is itself or its mirror image, nothing else
+    assert 16 <= sum(flipped) <= 48
+
+
+def test_augment_shifts_by_up_to_translate_pixels_and_mirrors():
+    """Each output is one window of the reflect-padded image or of its mirror image, numpy's padding as reference."""
+    images = random_images(64)
+    out = train.augment(images, translate=4, cutout=0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (64, 3, 32, 32) and out.dtype == torch.float32
+    seen = []
+    for image, result in zip(images.numpy(), out):
+        matches = []
+        for mirror in (False, True):
+            padded = np.pad(image[:, :, ::-1] if mirror else image, ((0, 0), (4, 4), (4, 4)), mode="reflect")
+            for dy in range(9):
+                for dx in range(9):
+                    window = torch.from_numpy(padded[:, dy:dy + 32, dx:dx + 32].copy())[None]
+                    if torch.equal(normalize(window)[0], result):
+                        matches.append((mirror, dy, dx))
+        assert len(matches) == 1, matches
+        seen += matches
+    assert 16 <= sum(mirror for mirror, _, _ in seen) <= 48
+    assert len({(dy, dx) for _, dy, dx in seen}) > 20  # shifts of every size, not one
 
 
 def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store_env):
@@ -93,12 +126,16 @@ def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store
     assert load_classifier(accepted).version != load_classifier().version
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_asking_for_a_missing_gpu_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--device", "cuda"])
-    assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
-    assert train.parse_args([]).device == "cpu"
+def test_asking_for_a_missing_gpu_is_a_clear_error():
+    """Run where PyTorch really sees no GPU (none made visible to it), so the test runs on every machine."""
+    script = ("import train\n"
+              "print(train.parse_args([]).device, flush=True)\n"
+              "train.parse_args(['--device', 'cuda'])\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout.strip() == "cpu", run.stderr  # the default where there is no GPU
+    assert run.returncode == 2 and "PyTorch sees no CUDA GPU here" in run.stderr, run.stderr
 
 
 def test_a_mistyped_data_path_is_an_error_not_a_download(tmp_path, capsys):
