@@ -1508,7 +1508,7 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> tuple[list
 
 # What reading or inflating a damaged member raises (zipfile, zlib, bz2 and lzma each have their own), so that
 # the error names the member: a traceback or a bare "LZMAError: Corrupt input data" names none.
-MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, ValueError)
+MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError, ValueError)
 
 
 def _read_image(path: str | Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> ImageInput:
@@ -1543,7 +1543,7 @@ def _image_members(path: str | Path, archive: zipfile.ZipFile) -> dict[str, zipf
             continue
         if info.flag_bits & 0x1:
             raise ArchiveError(f"{path}: member {name!r} is encrypted; make the archive again without a password.")
-        if False and info.flag_bits & 0x20:  # general purpose bit 5, which zipfile cannot read
+        if info.flag_bits & 0x20:  # general purpose bit 5, which zipfile cannot read
             raise ArchiveError(f"{path}: member {name!r} is compressed patched data (ZIP flag bit 5), which cannot "
                                "be read; make the archive again with Deflate.")
         if info.compress_type not in READABLE_COMPRESSION:
