@@ -18,9 +18,10 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import charts
-from classifier import CLASSES, Classifier, Prediction, WeightsError, load_classifier
+from classes import CLASSES
+from classifier import Classifier, Prediction, WeightsError, load_classifier
 from db import (NewPrediction, SettingsError, Store, StoreError, Summary, admin_password_ok, configured_admin_password,
-                open_store)
+                iter_csv, iter_zip, open_store)
 from display import CARD_SIZE, THUMBNAIL_SIZE, code_span, data_url, encode_image, escape_markdown
 from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, FetchError, ImageInput, InvalidImageError,
                     fetch_image, read_image_input)
@@ -31,8 +32,8 @@ LABEL_CHOICES = (*CLASSES, SKIP)
 UNKNOWN_FLAG = "maybe none of these classes"
 LOW_CONFIDENCE_FLAG = "low confidence"
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
-    "cifar10_feedback.zip": ("application/zip", Store.iter_archive),
-    "cifar10_feedback.csv": ("text/csv", Store.iter_csv),
+    "cifar10_feedback.zip": ("application/zip", iter_zip),
+    "cifar10_feedback.csv": ("text/csv", iter_csv),
 }
 
 

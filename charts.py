@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 from matplotlib.figure import Figure
 
-from classifier import CLASSES
+from classes import CLASSES
 
 CORRECT_COLOR = "#2e7d32"
 INCORRECT_COLOR = "#c62828"

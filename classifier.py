@@ -21,10 +21,8 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
+from classes import CLASSES
+
 INPUT_SIZE = 32
 # Per-channel statistics of the CIFAR-10 training images.
 MEAN = (0.4914, 0.4822, 0.4465)

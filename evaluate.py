@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from classifier import CLASSES, Calibration, Classifier, file_sha256, novelty_path, to_uint8_batch
+from classes import CLASSES
+from classifier import Calibration, Classifier, file_sha256, novelty_path, to_uint8_batch
 
 # ---------------------------------------------------------------- settings
 CALIBRATION_SEED = 0       # which half of the test split fits the calibration; the other half measures it

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from classifier import CLASSES, load_classifier, to_uint8_batch
+from classes import CLASSES
+from classifier import load_classifier, to_uint8_batch
 from train import DEFAULT_OUT, add_common_arguments, check_device, load_cifar10, train_epoch, write_model
 
 # ---------------------------------------------------------------- hyperparameters

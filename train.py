@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from classifier import CLASSES, bf16_supported, build_model, file_sha256, normalize, to_uint8_batch
+from classes import CLASSES
+from classifier import bf16_supported, build_model, file_sha256, normalize, to_uint8_batch
 
 # ---------------------------------------------------------------- hyperparameters
 # The CPU recipe: 22 epochs, about 2 hours on 2 cores, 91% with flip TTA. Every one is a flag (--help);

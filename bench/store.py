@@ -27,12 +27,15 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import db  # noqa: E402
+import sql  # noqa: E402
+from classes import CLASSES  # noqa: E402
+from database_postgres import PostgresDatabase  # noqa: E402
+from database_sqlite import SQLiteDatabase  # noqa: E402
 from db import NewPrediction, RecordFilter, Store  # noqa: E402
+from images_folder import FolderImages  # noqa: E402
+from images_s3 import S3Images  # noqa: E402
 from inference import make_uploads  # noqa: E402
 from servers import PostgresServer, SeaweedServer  # noqa: E402
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def median_seconds(function, repeat: int) -> float:
@@ -64,8 +67,8 @@ def fill(store: Store, count: int) -> None:
                          "is_correct": int(predicted == final), "created_at": day, "model_version": "bench",
                          "edits": 0})
         with store.database.transaction(write=True) as cursor:
-            db._insert(cursor, rows)
-            db._bump_revision(cursor)
+            sql.insert_rows(cursor, rows)
+            sql.bump_revision(cursor)
     print(f"  filled {count} records in {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -139,14 +142,14 @@ def main() -> None:
     os.environ.update(s3.env())
     try:
         bench_backend("SQLite + image folder (this machine's disk)",
-                      lambda key: Store(db.SQLiteDatabase(folder / f"{key}.db"), db.FolderImages(folder / key)),
+                      lambda key: Store(SQLiteDatabase(folder / f"{key}.db"), FolderImages(folder / key)),
                       uploads, args.records, args.repeat)
         databases: dict[str, str] = {}
 
         def postgres_store(key: str) -> Store:
             if key not in databases:
                 databases[key] = postgres.database(f"bench_{key}")
-            return Store(db.PostgresDatabase(databases[key]), db.S3Images(f"s3://cifar10-bench/{key}"))
+            return Store(PostgresDatabase(databases[key]), S3Images(f"s3://cifar10-bench/{key}"))
 
         bench_backend("PostgreSQL + S3 (SeaweedFS), both on 127.0.0.1", postgres_store, uploads, args.records,
                       args.repeat)

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import streamlit as st
 
-from classifier import CLASSES
+from classes import CLASSES
 from db import (RecordFilter, SavedPrediction, SettingsError, Store, StoreError, admin_password_ok,
                 configured_admin_password, open_store)
 from display import THUMBNAIL_SIZE, code_span, escape_markdown, thumbnail

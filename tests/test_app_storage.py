@@ -6,10 +6,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 
-import pytest
-
 import db
-from conftest import image_bytes, make_backend, shown, use_store
+import store as store_module
+from conftest import image_bytes, make_backend, shown
 from test_app import BLUE, RED, click, start_app, start_history, upload
 from test_db import _freeze_folder, _make_read_only, _wait_for, prediction
 
@@ -17,7 +16,7 @@ from test_db import _freeze_folder, _make_read_only, _wait_for, prediction
 def test_delete_and_clear_with_an_image_folder_that_cannot_be_changed_say_what_happened(store_env, monkeypatch):
     """Round 2, 3: the rows went and the page said nothing had; Delete lost its undo. The images go once the
     folder can be changed again, without a restart."""
-    monkeypatch.setattr(db, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
     db_path, image_dir = store_env
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])

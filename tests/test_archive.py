@@ -14,8 +14,11 @@ from dataclasses import replace
 import pytest
 
 import db
+from archives import import_archive, iter_csv, iter_zip
 from conftest import ROOT, image_bytes
 from db import ArchiveError, NewPrediction, Store
+from display import thumbnail
+from records import Duplicate
 
 
 def picture(index: int, image_format: str = "PNG") -> NewPrediction:
@@ -29,7 +32,7 @@ def picture(index: int, image_format: str = "PNG") -> NewPrediction:
 
 def export(store: Store, path) -> None:
     with open(path, "wb") as stream:
-        for chunk in store.iter_archive():
+        for chunk in iter_zip(store):
             stream.write(chunk)
 
 
@@ -62,7 +65,7 @@ def test_export_is_an_imagefolder_zip_with_every_column(backend, tmp_path):
         assert archive.read(f"dog/{batch[1].content_hash}.png") == batch[1].data
         rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode())))
     assert list(rows[0]) == ["file", *EXPECTED_COLUMNS]  # written out here, not db.EXPORT_COLUMNS compared with itself
-    assert next(csv.reader(io.StringIO(b"".join(store.iter_csv()).decode()))) == EXPECTED_COLUMNS
+    assert next(csv.reader(io.StringIO(b"".join(iter_csv(store)).decode()))) == EXPECTED_COLUMNS
     assert {row["file"]: row["final_label"] for row in rows} == {name: name.split("/")[0] for name in expected}
 
 
@@ -93,7 +96,7 @@ def test_a_plain_imagefolder_zip_is_labelled_by_folder_and_predicted_by_the_mode
         archive.writestr("airplane/sky.png", image_bytes("PNG", size=(64, 64), color=(120, 160, 230)))
         archive.writestr("frog/pond.jpg", image_bytes("JPEG", size=(50, 40), color=(40, 160, 60)))
     store = backend.store()
-    result = store.import_archive(archive_path, db._predict_with_shipped_model)
+    result = import_archive(store, archive_path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
     assert result.saved == 2
     records = {record.source: record for record in store.list_predictions()}
     assert {name: record.final_label for name, record in records.items()} == {
@@ -145,7 +148,7 @@ def test_bad_archives_are_refused_by_member_and_nothing_is_imported(backend, tmp
     path = make_zip(tmp_path / f"{case}.zip", members, zipfile.ZIP_DEFLATED)
     store = backend.store()
     with pytest.raises(ArchiveError) as caught:
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     for phrase in phrases:
         assert phrase in str(caught.value)
     assert store.count() == 0 and backend.image_names() == set()
@@ -165,7 +168,7 @@ def test_a_corrupt_labels_csv_is_refused_by_line(backend, tmp_path, override, ph
     path = make_zip(tmp_path / "bad.zip", {**members, "labels.csv": manifest_for(members, **{victim: override})})
     store = backend.store()
     with pytest.raises(ArchiveError, match="labels.csv line 5") as caught:
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     assert phrase in str(caught.value) and store.count() == 0
 
 
@@ -177,17 +180,17 @@ def test_an_unreadable_labels_csv_is_refused(store_env, tmp_path, manifest, phra
     members = good_members(3)
     path = make_zip(tmp_path / "bad.zip", {**members, "labels.csv": manifest})
     with pytest.raises(ArchiveError, match=phrase):
-        Store.from_env().import_archive(path)
+        import_archive(Store.from_env(), path, make_thumbnail=thumbnail)
 
 
 def test_labels_csv_must_list_each_image_once(store_env, tmp_path):
     members = good_members(3)
     listed = dict(list(members.items())[:2])
     with pytest.raises(ArchiveError, match="does not list"):
-        Store.from_env().import_archive(make_zip(tmp_path / "a.zip", {**members, "labels.csv": manifest_for(listed)}))
+        import_archive(Store.from_env(), make_zip(tmp_path / "a.zip", {**members, "labels.csv": manifest_for(listed)}), make_thumbnail=thumbnail)
     ghost = {**members, "cat/ghost.png": b""}
     with pytest.raises(ArchiveError, match="not an image in the archive"):
-        Store.from_env().import_archive(make_zip(tmp_path / "b.zip", {**members, "labels.csv": manifest_for(ghost)}))
+        import_archive(Store.from_env(), make_zip(tmp_path / "b.zip", {**members, "labels.csv": manifest_for(ghost)}), make_thumbnail=thumbnail)
 
 
 def test_not_a_zip_at_all(store_env, tmp_path):
@@ -249,13 +252,13 @@ def test_the_same_picture_under_two_names_is_imported_once(backend, tmp_path, li
         members["labels.csv"] = manifest_for(members)
     path = make_zip(tmp_path / "twins.zip", members)
     store = backend.store()
-    result = store.import_archive(path, db._predict_with_shipped_model)
+    result = import_archive(store, path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
     assert (result.saved, result.unchanged) == (2, 0)
-    assert result.duplicates == (db.Duplicate("dog/b.png", kept="cat/a.png", label="cat"),)
+    assert result.duplicates == (Duplicate("dog/b.png", kept="cat/a.png", label="cat"),)
     assert sorted((r.source, r.final_label) for r in store.list_predictions()) == [
         ("cat/a.png", "cat"), ("frog/other.png", "frog")]
     assert len(backend.image_names()) == 2
-    again = store.import_archive(path, db._predict_with_shipped_model)
+    again = import_archive(store, path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
     assert (again.saved, again.unchanged, again.duplicates) == (0, 2, result.duplicates)
     assert store.count() == 2 and len(backend.image_names()) == 2
 
@@ -312,7 +315,7 @@ def test_a_batch_the_database_refuses_leaves_no_image_behind(backend, tmp_path):
     store = backend.store()
     lift = refuse_to_insert(backend, list(members)[3])
     with pytest.raises(Exception, match="refused by a test trigger"):
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     assert store.count() == 0 and backend.image_names() == set()
     retried = run_cli("import", str(path))
     errors = [line for line in retried.stderr.splitlines() if line.startswith("error:")]
@@ -320,7 +323,7 @@ def test_a_batch_the_database_refuses_leaves_no_image_behind(backend, tmp_path):
     assert len(errors) == 1 and "refused by a test trigger" in errors[0]
     assert store.count() == 0 and backend.image_names() == set()
     lift()
-    assert store.import_archive(path).saved == 5 and len(backend.image_names()) == 5
+    assert import_archive(store, path, make_thumbnail=thumbnail).saved == 5 and len(backend.image_names()) == 5
 
 
 # ---------------------------------------------------------------- members zipfile cannot read, huge manifests
@@ -357,7 +360,7 @@ def test_a_member_zipfile_cannot_read_is_refused_by_name(backend, tmp_path, vict
     patch_headers(path, name, **patch)
     store = backend.store()
     with pytest.raises(ArchiveError) as caught:
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     assert str(path) in str(caught.value) and repr(name) in str(caught.value) and phrase in str(caught.value)
     assert store.count() == 0 and backend.image_names() == set()
 
@@ -385,7 +388,7 @@ def test_a_corrupt_lzma_member_is_refused_by_name(store_env, tmp_path, victim):
     corrupt_lzma_member(path, name)
     store = Store.from_env()
     with pytest.raises(ArchiveError) as caught:
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     assert str(path) in str(caught.value) and repr(name) in str(caught.value)
     assert "Corrupt input data" in str(caught.value) and store.count() == 0
     result = run_cli("import", str(path))
@@ -415,7 +418,7 @@ def test_a_huge_labels_csv_row_is_refused_by_line_in_little_memory(store_env, tm
     tracemalloc.start()
     try:
         with pytest.raises(ArchiveError, match="labels.csv line 7"):  # the header, five rows, then the junk
-            store.import_archive(path)
+            import_archive(store, path, make_thumbnail=thumbnail)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -443,7 +446,7 @@ def test_export_then_import_keeps_every_column(backend, request, tmp_path, monke
     assert {record.is_ood for record in expected.values()} == {True, False}
 
     target = make_backend(backend.name, request, tmp_path / "target", monkeypatch).store()
-    assert target.import_archive(archive_path).saved == 6
+    assert import_archive(target, archive_path, make_thumbnail=thumbnail).saved == 6
     restored = {record.content_hash: record for record in target.list_predictions()}
     assert set(restored) == set(expected)
     kept = [column for column in EXPECTED_COLUMNS if column not in ("id", "edits")]
@@ -470,6 +473,6 @@ def test_a_labels_csv_whose_content_hash_does_not_match_its_image_is_refused(sto
     path = make_zip(tmp_path / "tampered.zip", members)
     store.clear()
     with pytest.raises(ArchiveError, match=f"labels.csv line 3: content_hash does not match {table[1]['file']!r}"):
-        store.import_archive(path)
+        import_archive(store, path, make_thumbnail=thumbnail)
     assert store.count() == 0 and not list(store.images.stored())
     store.close()

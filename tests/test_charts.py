@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from classifier import CLASSES
+from classes import CLASSES
 from charts import accuracy_figure, class_distribution_figure, confusion_matrix_figure, per_class_accuracy_figure
 
 

@@ -19,8 +19,15 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 import db
+import settings
+import sql
+import store as store_module
+from archives import iter_csv
 from conftest import ROOT, use_store
+from database_sqlite import SQLiteDatabase
 from db import NewPrediction, RecordFilter, Store, StoreError
+from images_folder import FolderImages
+from records import ClearResult
 
 
 def prediction(seed: str, predicted: str = "cat", final: str | None = None, source: str | None = None,
@@ -164,7 +171,7 @@ def test_undoing_a_save_reads_no_images(store, monkeypatch):
 
 def test_clear_removes_rows_and_images(store, backend):
     store.save_predictions([prediction("a"), prediction("b")])
-    assert store.clear() == db.ClearResult(deleted=2, removal_note="")
+    assert store.clear() == ClearResult(deleted=2, removal_note="")
     assert store.count() == 0 and backend.image_names() == set()
 
 
@@ -264,7 +271,7 @@ def test_a_second_database_on_the_same_images_never_deletes_them(backend, tmp_pa
 
 
 def test_the_default_database_sits_next_to_app_py_whatever_the_working_directory(tmp_path):
-    run = subprocess.run([sys.executable, "-c", "import db; print(db.DEFAULT_DB_PATH, db.DEFAULT_IMAGE_DIR)"],
+    run = subprocess.run([sys.executable, "-c", "import settings; print(settings.DEFAULT_DB_PATH, settings.DEFAULT_IMAGE_DIR)"],
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert run.stdout.split() == [str(ROOT / "image_classification.db"), str(ROOT / "temp_images")]
 
@@ -274,17 +281,17 @@ def test_the_default_database_sits_next_to_app_py_whatever_the_working_directory
 def test_migrates_a_version_1_sqlite_database_and_never_reuses_its_ids(tmp_path):
     path = tmp_path / "old.db"
     connection = sqlite3.connect(path)
-    connection.executescript(db.MIGRATIONS[0])
+    connection.executescript(sql.MIGRATIONS[0])
     connection.execute("INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence,"
                        " final_label, is_correct, created_at) VALUES (7, 'h', 'h.png', 'old.png', 'cat', 0.5, 'dog', 0,"
                        " '2026-01-02T03:04:05+00:00')")
     connection.execute("PRAGMA user_version = 1")
     connection.commit()
     connection.close()
-    store = Store(db.SQLiteDatabase(path), db.FolderImages(tmp_path / "images"))
+    store = Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
     [row] = store.list_predictions()
     assert row.source == "old.png" and row.model_version == "unknown" and row.edits == 0
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == sql.SCHEMA_VERSION
     store.delete_predictions([7])
     [new_id] = [record_id for record_id, _ in store.save_predictions([prediction("new")]).change.created]
     assert new_id == 8
@@ -292,9 +299,9 @@ def test_migrates_a_version_1_sqlite_database_and_never_reuses_its_ids(tmp_path)
 
 def test_refuses_a_database_from_a_newer_app(tmp_path):
     path = tmp_path / "new.db"
-    sqlite3.connect(path).execute(f"PRAGMA user_version = {db.SCHEMA_VERSION + 1}")
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer"):
-        Store(db.SQLiteDatabase(path), db.FolderImages(tmp_path / "images"))
+        Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
 
 
 def _open_store_in_a_new_process(_: int) -> str:
@@ -311,7 +318,7 @@ def test_several_servers_starting_at_once_migrate_once(backend):
         import psycopg
 
         with psycopg.connect(backend.env["CIFAR10_DATABASE_URL"]) as connection:
-            assert connection.execute("SELECT version FROM schema_version").fetchall() == [(db.SCHEMA_VERSION,)]
+            assert connection.execute("SELECT version FROM schema_version").fetchall() == [(sql.SCHEMA_VERSION,)]
 
 
 # ---------------------------------------------------------------- concurrency and crashes
@@ -484,7 +491,7 @@ def test_wrong_credentials_and_unreachable_servers_say_which_and_what_to_check(p
 
 def test_admin_password(monkeypatch, tmp_path):
     monkeypatch.delenv("CIFAR10_ADMIN_PASSWORD", raising=False)
-    monkeypatch.setattr(db, "SECRETS_FILES", (tmp_path / ".streamlit" / "secrets.toml",))
+    monkeypatch.setattr(settings, "SECRETS_FILES", (tmp_path / ".streamlit" / "secrets.toml",))
     assert db.configured_admin_password() is None and db.admin_password_ok("")
     (tmp_path / ".streamlit").mkdir()
     (tmp_path / ".streamlit" / "secrets.toml").write_text('CIFAR10_ADMIN_PASSWORD = "from-secrets"\n')
@@ -627,7 +634,7 @@ def test_removals_that_fail_say_what_committed_keep_the_undo_and_finish_once_the
         tmp_path, monkeypatch):
     """Round 2, 3 (folder): Delete, Undo and Clear committed their rows, then said nothing happened (and Delete
     lost its undo) when the image clean-up failed; the images are removed later, without a restart."""
-    monkeypatch.setattr(db, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
     folder = tmp_path / "images"
     use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "f.db"), "CIFAR10_IMAGE_DIR": str(folder)})
     store = Store.from_env()
@@ -655,7 +662,7 @@ def test_an_object_store_down_during_undo_and_clear(request, monkeypatch):
     """Round 2, 3 (S3, stopped): the rows go, the page is told so, the images go once the store is back."""
     from servers import SeaweedServer
 
-    monkeypatch.setattr(db, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
     s3 = SeaweedServer()
     try:
         postgres = request.getfixturevalue("postgres_server")
@@ -707,7 +714,7 @@ def test_a_read_only_postgres_refuses_writes_clearly_and_still_opens_for_reading
         started_now = Store.from_env()
         assert started_now.count() == 1 and started_now.summary().total == 1
         assert started_now.list_predictions()[0].source == "a.png"
-        assert b"".join(started_now.iter_csv()).count(b"\n") == 2
+        assert b"".join(iter_csv(started_now)).count(b"\n") == 2
         with pytest.raises(StoreError, match="read-only"):
             started_now.save_predictions([prediction("b")])
         started_now.close()
@@ -756,15 +763,15 @@ SHIPPED_MIGRATION_3 = """
 def test_migration_3_is_as_shipped_and_every_database_gets_the_indexes_added_later(tmp_path, version):
     """Round 2, 10: migration 3 was edited after it shipped, so a database it had migrated never got the new
     indexes. The released text is kept, and a later migration adds them to every database."""
-    assert db.MIGRATIONS[2] == SHIPPED_MIGRATION_3
+    assert sql.MIGRATIONS[2] == SHIPPED_MIGRATION_3
     path = tmp_path / "old.db"
     connection = sqlite3.connect(path)
-    for migration in db.MIGRATIONS[:version]:
+    for migration in sql.MIGRATIONS[:version]:
         connection.executescript(migration)
     connection.execute(f"PRAGMA user_version = {version}")
     connection.commit()
     connection.close()
-    Store(db.SQLiteDatabase(path), db.FolderImages(tmp_path / "images")).close()
+    Store(SQLiteDatabase(path), FolderImages(tmp_path / "images")).close()
     indexes = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"predictions_labels", "predictions_created_at"} <= indexes and "predictions_final_label" not in indexes
 
@@ -778,16 +785,16 @@ def test_multi_picture_jpegs_saved_by_older_versions_are_removed_like_any_image(
 
 
 def test_the_csv_download_is_whole_past_its_internal_buffer(tmp_path):
-    """iter_csv hands over its buffer every db.BATCH rows and rewinds it: more than two buffers' worth must come out
+    """iter_csv hands over its buffer every sql.BATCH rows and rewinds it: more than two buffers' worth must come out
     exactly once each (1,200 records gave 2,702 rows when the rewind was lost)."""
     import csv
     import io
 
-    store = Store(db.SQLiteDatabase(tmp_path / "many.db"), db.FolderImages(tmp_path / "images"))
-    count = 2 * db.BATCH + 200
+    store = Store(SQLiteDatabase(tmp_path / "many.db"), FolderImages(tmp_path / "images"))
+    count = 2 * sql.BATCH + 200
     store.save_predictions([NewPrediction(hashlib.sha256(b"%d" % i).hexdigest(), b"%d" % i, "png", f"{i}.png", "cat",
                                           0.5, "cat", "t") for i in range(count)])
-    text = b"".join(store.iter_csv()).decode()
+    text = b"".join(iter_csv(store)).decode()
     assert text.count("\n") == count + 1
     table = list(csv.DictReader(io.StringIO(text, newline="")))
     assert len(table) == count and len({row["id"] for row in table}) == count
@@ -799,15 +806,16 @@ HANG_IN_TRANSACTION_SCRIPT = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import db
+import sql
 
 store = db.Store.from_env()
-real_insert = db._insert
+real_insert = sql.insert_rows
 def insert_then_hang(cursor, rows):
     ids = real_insert(cursor, rows)
     print("inserted", flush=True)  # every image written and every row inserted, not committed
     time.sleep(120)
     return ids
-db._insert = insert_then_hang
+sql.insert_rows = insert_then_hang
 store.save_predictions([db.NewPrediction(f"{i:064x}", b"%d" % i, "png", f"{i}.png", "cat", 0.9, "cat", "v")
                         for i in range(50)])
 print("committed", flush=True)

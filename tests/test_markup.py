@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from archives import iter_csv, iter_zip
 from conftest import ROOT, cannot_run, image_bytes, shown, without_code_spans
 from db import NewPrediction, Store
 from display import code_span, escape_markdown
@@ -161,12 +162,12 @@ def test_csv_for_spreadsheets_cannot_start_a_formula_and_the_zip_keeps_exact_val
     store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", source, "cat", 0.5, "dog",
                                           "=1+1", ood_score=-1.5) for data, source in zip(pictures, sources)])
 
-    rows = list(csv.DictReader(io.StringIO(b"".join(store.iter_csv()).decode(), newline="")))
+    rows = list(csv.DictReader(io.StringIO(b"".join(iter_csv(store)).decode(), newline="")))
     assert sorted(row["source"] for row in rows) == sorted(["'" + source for source in FORMULAS] + ["plain.png"])
     assert {row["model_version"] for row in rows} == {"'=1+1"}
     assert {row["ood_score"] for row in rows} == {"-1.5"}  # a number is a number, not a formula
 
-    with zipfile.ZipFile(io.BytesIO(b"".join(store.iter_archive()))) as archive:
+    with zipfile.ZipFile(io.BytesIO(b"".join(iter_zip(store)))) as archive:
         manifest = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode(), newline="")))
     assert sorted(row["source"] for row in manifest) == sorted(sources)
     assert {row["model_version"] for row in manifest} == {"=1+1"}

@@ -7,6 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import db
+import settings
 from conftest import shown, use_store
 from db import SettingsError, Store, StoreError
 from test_app import RED, click, rows, start_app, start_history, upload
@@ -25,7 +26,7 @@ UNREADABLE_SECRETS = {
 def secrets_file(tmp_path, monkeypatch):
     """The one secrets file the app reads: in tmp_path, never the repository's or the user's."""
     path = tmp_path / "secrets.toml"
-    monkeypatch.setattr(db, "SECRETS_FILES", (path,))
+    monkeypatch.setattr(settings, "SECRETS_FILES", (path,))
     monkeypatch.delenv("CIFAR10_ADMIN_PASSWORD", raising=False)
     return path
 
@@ -89,7 +90,7 @@ def default_secrets(tmp_path, monkeypatch):
               "elsewhere": tmp_path / "elsewhere"}
     for folder in places.values():
         (folder / ".streamlit").mkdir(parents=True)
-    monkeypatch.setattr(db, "ROOT", places["project"])
+    monkeypatch.setattr(settings, "ROOT", places["project"])
     monkeypatch.setenv("HOME", str(places["home"]))
     monkeypatch.delenv("CIFAR10_ADMIN_PASSWORD", raising=False)
     monkeypatch.chdir(places["cwd"])

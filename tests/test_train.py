@@ -15,6 +15,7 @@ from PIL import Image
 import train
 import finetune
 from classifier import CLASSES, file_sha256, load_classifier, normalize
+from archives import iter_zip
 from conftest import ROOT
 
 
@@ -111,7 +112,7 @@ def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store
     store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", f"{i}.png", "cat", 0.4,
                                           CLASSES[i], "test") for i, data in enumerate(exported)])
     export = tmp_path / "export.zip"
-    export.write_bytes(b"".join(store.iter_archive()))
+    export.write_bytes(b"".join(iter_zip(store)))
     x, y = finetune.load_export(export)
     assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == list(range(6))
 
