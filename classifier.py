@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -122,6 +123,17 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=batch.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=batch.device).view(1, 3, 1, 1) * 255
     return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def save_atomically(path: Path, write) -> None:
+    """write(temporary path), then rename over path: a run killed mid-save leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:

@@ -25,7 +25,8 @@ from PIL import Image
 from torch import nn
 
 from classes import CLASSES
-from classifier import Calibration, Classifier, file_sha256, novelty_path, to_uint8_batch
+from cifar10 import load_cifar10
+from classifier import Calibration, Classifier, file_sha256, novelty_path, save_atomically, to_uint8_batch
 
 # ---------------------------------------------------------------- settings
 CALIBRATION_SEED = 0       # which half of the test split fits the calibration; the other half measures it
@@ -181,7 +182,6 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
     measured here), novelty bank, confusion matrix and reliability diagram beside them."""
     from charts import confusion_matrix_figure
     from classifier import Novelty, load_weights
-    from train import save_atomically
 
     raw = load_weights(weights)  # uncalibrated: its old card and bank, if any, are replaced below
     test_x, test_y = data["test_x"], data["test_y"]
@@ -258,7 +258,6 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
 
 def main() -> None:
     from classifier import DEFAULT_WEIGHTS
-    from train import load_cifar10
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="weights file (default: the shipped one)")

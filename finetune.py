@@ -19,7 +19,8 @@ import torch
 
 from classes import CLASSES
 from classifier import load_classifier, to_uint8_batch
-from train import DEFAULT_OUT, add_common_arguments, check_device, load_cifar10, train_epoch, write_model
+from cifar10 import load_cifar10
+from train import DEFAULT_OUT, add_common_arguments, check_device, train_epoch, write_model
 
 # ---------------------------------------------------------------- hyperparameters
 HYPERPARAMETERS = dict(

@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
-import tarfile
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
-from classes import CLASSES
-from classifier import bf16_supported, build_model, file_sha256, normalize, to_uint8_batch
+from cifar10 import CACHE, load_cifar10
+from classifier import bf16_supported, build_model, normalize, save_atomically
 
 # ---------------------------------------------------------------- hyperparameters
 # The CPU recipe: 22 epochs, about 2 hours on 2 cores, 91% with flip TTA. Every one is a flag (--help);
@@ -52,102 +47,8 @@ HYPERPARAMETERS = dict(
 )
 
 ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / ".cache"
-SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_OUT = ROOT / "models" / "resnet18_cifar10.pt"
 DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-
-
-# ---------------------------------------------------------------- data
-
-def decode_image_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode <split>/<class>/*.jpg|png into uint8 (N, 3, 32, 32) images and int64 labels; anything else in
-    a class folder is skipped with a warning."""
-    images, labels = [], []
-    for label, name in enumerate(CLASSES):
-        class_dir = split_dir / name
-        if not class_dir.is_dir():
-            raise SystemExit(f"{class_dir} is missing: expected one folder per CIFAR-10 class in {split_dir}")
-        for path in sorted(class_dir.iterdir()):
-            try:
-                with Image.open(path) as image:
-                    images.append(to_uint8_batch([image.convert("RGB")]))
-            except (UnidentifiedImageError, OSError) as error:
-                warnings.warn(f"skipped {path}: not a readable image ({error.__class__.__name__})", stacklevel=2)
-                continue
-            labels.append(label)
-    if not labels:
-        raise SystemExit(f"{split_dir} holds no images")
-    return torch.cat(images), torch.tensor(labels)
-
-
-def extract_archive(archive: Path, archive_sha256: str) -> Path:
-    """Extract the JPEG archive once into the git-ignored cache, keyed by its hash."""
-    target = CACHE / f"cifar10-jpeg-{archive_sha256[:12]}"
-    if not (target / "test").is_dir():
-        partial = target.with_suffix(".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(partial, filter="data")
-        except tarfile.TarError as error:
-            raise SystemExit(f"{archive} is not a readable tar archive ({error})") from error
-        # The archive may hold train/ and test/ at its top or under one folder.
-        inner = next((p.parent for p in partial.rglob("test") if (p.parent / "train").is_dir()), None)
-        if inner is None:
-            raise SystemExit(f"{archive} has no train/ and test/ folders (one folder per class in each)")
-        inner.rename(target)
-    return target
-
-
-def load_cifar10(data: str | None, splits: tuple[str, ...] = ("train", "test")) -> dict:
-    """Uint8 tensors for the splits asked for, each decoded once and cached as .npz beside the extracted files
-    (the tests ask for the test split alone, and never decode the 50,000 training images)."""
-    source: dict = {}
-    if data is None and SHARED_ARCHIVE.is_file():
-        data = str(SHARED_ARCHIVE)
-    if data is None:
-        return load_torchvision_cifar10(CACHE / "cifar10-torchvision", download=True, splits=splits)
-    path = Path(data)
-    if path.is_file():
-        source = {"archive": str(path.resolve()), "archive_sha256": file_sha256(path)}
-        folder = extract_archive(path, source["archive_sha256"])
-    elif (path / "train").is_dir() and (path / "test").is_dir():
-        folder, source = path, {"folder": str(path.resolve())}
-    elif (path / "cifar-10-batches-py").is_dir():
-        return load_torchvision_cifar10(path, download=False, splits=splits)
-    else:
-        raise SystemExit(f"--data {data}: not a CIFAR-10 archive, nor a folder with train/ and test/ (one folder "
-                         "per class in each), nor a torchvision CIFAR-10 root (with cifar-10-batches-py/)")
-
-    arrays = {}
-    for split in splits:
-        cache_file = folder.with_name(f"{folder.name}.{split}.npz") if folder.is_relative_to(CACHE) else None
-        if cache_file is not None and cache_file.is_file():
-            arrays |= dict(np.load(cache_file))
-        else:
-            images, labels = decode_image_folder(folder / split)
-            decoded = {f"{split}_x": images.numpy(), f"{split}_y": labels.numpy()}
-            if cache_file is not None:
-                partial = cache_file.with_suffix(".partial.npz")
-                np.savez(partial, **decoded)
-                os.replace(partial, cache_file)  # a run killed while saving leaves no half-written cache
-            arrays |= decoded
-    tensors = {key: torch.from_numpy(value) for key, value in arrays.items()}
-    return {**tensors, "source": source}
-
-
-def load_torchvision_cifar10(root: Path, download: bool, splits: tuple[str, ...]) -> dict:
-    """The original CIFAR-10 through torchvision, downloaded into the cache only when asked for (needs internet)."""
-    from torchvision.datasets import CIFAR10
-
-    tensors = {}
-    for split in splits:
-        dataset = CIFAR10(str(root), train=split == "train", download=download)
-        tensors[f"{split}_x"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        tensors[f"{split}_y"] = torch.tensor(dataset.targets)
-    return {**tensors, "source": {"torchvision_root": str(root.resolve())}}
 
 
 # ---------------------------------------------------------------- augmentation
@@ -271,17 +172,6 @@ def machine_description() -> str:
         cpu = names[0] if names else cpu
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} threads{gpu}, {platform.system()} {platform.release()}"
-
-
-def save_atomically(path: Path, write) -> None:
-    """write(temporary path), then rename over path: a run killed mid-save leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -262,11 +262,11 @@ class SplitPass:
 def test_split(classifier) -> SplitPass:
     """The 10,000 test images through the model once per run, shared by the accuracy, calibration and "none of
     the ten" tests; only the test split is decoded (and cached), never the 50,000 training images."""
-    import train
+    import cifar10
 
-    if not train.SHARED_ARCHIVE.is_file():
-        cannot_run(f"CIFAR-10 archive not found at {train.SHARED_ARCHIVE}")
-    data = train.load_cifar10(str(train.SHARED_ARCHIVE), splits=("test",))
+    if not cifar10.SHARED_ARCHIVE.is_file():
+        cannot_run(f"CIFAR-10 archive not found at {cifar10.SHARED_ARCHIVE}")
+    data = cifar10.load_cifar10(str(cifar10.SHARED_ARCHIVE), splits=("test",))
     logits, features = classifier.outputs(data["test_x"])
     return SplitPass(data["test_y"], logits, features, classifier.predictions(logits, features))
 

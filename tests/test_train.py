@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import cifar10
+import classifier
 import finetune
-from classifier import CLASSES, file_sha256, load_classifier, normalize
+import train
 from archives import iter_zip
+from classes import CLASSES
+from classifier import file_sha256, load_classifier, normalize
 from conftest import ROOT
 
 
@@ -142,7 +145,7 @@ def test_asking_for_a_missing_gpu_is_a_clear_error():
 def test_a_mistyped_data_path_is_an_error_not_a_download(tmp_path, capsys):
     missing = tmp_path / "cifar-10-typo"
     with pytest.raises(SystemExit, match="not a CIFAR-10 archive"):
-        train.load_cifar10(str(missing))
+        cifar10.load_cifar10(str(missing))
     assert not missing.exists()  # nothing was downloaded into it
 
 
@@ -155,7 +158,7 @@ def test_an_archive_without_train_and_test_is_a_clear_error(tmp_path, monkeypatc
     with tarfile.open(tmp_path / "pictures.tar.gz", "w:gz") as archive:
         archive.add(tmp_path / "pictures", arcname="pictures")
     with pytest.raises(SystemExit, match="has no train/ and test/ folders"):
-        train.load_cifar10(str(tmp_path / "pictures.tar.gz"))
+        cifar10.load_cifar10(str(tmp_path / "pictures.tar.gz"))
 
 
 def test_a_stray_file_in_a_class_folder_is_skipped_with_a_warning(tmp_path):
@@ -163,7 +166,7 @@ def test_a_stray_file_in_a_class_folder_is_skipped_with_a_warning(tmp_path):
     (tmp_path / "data" / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01binary junk")
     (tmp_path / "data" / "train" / "dog" / "notes.txt").write_text("not a picture")
     with pytest.warns(UserWarning) as warned:
-        data = train.load_cifar10(str(tmp_path / "data"))
+        data = cifar10.load_cifar10(str(tmp_path / "data"))
     assert sorted(str(w.message).split("/")[-1].split(":")[0] for w in warned) == [".DS_Store", "notes.txt"]
     assert len(data["train_y"]) == 10 and len(data["test_y"]) == 10
 
@@ -184,5 +187,5 @@ def test_weights_are_replaced_atomically(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.save_atomically(target, dies_half_way)
+        classifier.save_atomically(target, dies_half_way)
     assert target.read_bytes() == b"the previous weights"
