@@ -30,11 +30,11 @@ from typing import Sequence
 from archives import ArchiveError, import_archive, iter_csv, iter_zip
 from records import (Change, ExportTally, NewPrediction, RecordFilter, SavedPrediction, SettingsError, StoreError,
                      Summary)
-from settings import ADMIN_PASSWORD_ENV, admin_password_ok, configured_admin_password
+from settings import ADMIN_PASSWORD_ENV, admin_password_ok, admin_refusal, configured_admin_password
 from store import Store, open_store
 
 __all__ = ["ArchiveError", "Change", "NewPrediction", "RecordFilter", "SavedPrediction", "SettingsError", "Store", "StoreError",
-           "Summary", "admin_password_ok", "configured_admin_password", "iter_csv", "iter_zip", "open_store"]
+           "Summary", "admin_password_ok", "admin_refusal", "configured_admin_password", "iter_csv", "iter_zip", "open_store"]
 
 
 # ---------------------------------------------------------------- command line

@@ -121,6 +121,16 @@ def split_url(setting: str, url: str, schemes: tuple[str, ...], form: str) -> Sp
     raise SettingsError(f"{setting} is not of the form {form}: {problem}.{hint}")
 
 
+def admin_refusal(given: str) -> str | None:
+    """Why Clear database, Delete or import is refused with this password: the configured one cannot be known
+    (a broken setting, named), or this one is wrong. None: allowed."""
+    try:
+        allowed = admin_password_ok(given)
+    except SettingsError as error:
+        return str(error)
+    return None if allowed else "Wrong admin password."
+
+
 def admin_password_ok(given: str) -> bool:
     """No password configured: a personal install, everything allowed. Otherwise a constant-time compare.
     Raises SettingsError while the configured password cannot be known."""

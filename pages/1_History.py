@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import streamlit as st
 
 from classes import CLASSES
-from db import (RecordFilter, SavedPrediction, SettingsError, Store, StoreError, admin_password_ok,
+from db import (RecordFilter, SavedPrediction, SettingsError, Store, StoreError, admin_refusal,
                 configured_admin_password, open_store)
 from display import THUMBNAIL_SIZE, code_span, escape_markdown, thumbnail
 from inputs import InvalidImageError
@@ -40,13 +40,9 @@ def saved_thumbnail(store: Store, record: SavedPrediction) -> bytes | None:
 
 
 def delete_record(store: Store, record_id: int) -> None:
-    try:
-        allowed = admin_password_ok(state.get("history_password", ""))
-    except SettingsError as error:  # the secrets file broke after the page was shown
-        state.history_flash = ("error", f"Nothing was deleted: {escape_markdown(str(error))}")
-        return
-    if not allowed:
-        state.history_flash = ("error", "Wrong admin password: nothing was deleted.")
+    refusal = admin_refusal(state.get("history_password", ""))
+    if refusal:  # a wrong password, or a secrets file that broke after the page was shown
+        state.history_flash = ("error", f"{escape_markdown(refusal)} Nothing was deleted.")
         return
     try:
         change = store.delete_predictions([record_id])
