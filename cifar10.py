@@ -4,9 +4,10 @@ decoded into uint8 tensors once and cached in the git-ignored .cache/."""
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -41,28 +42,34 @@ def decode_image_folder(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(images), torch.tensor(labels)
 
 
-def extract_archive(archive: Path, archive_sha256: str) -> Path:
-    """Extract the JPEG archive once into the git-ignored cache, keyed by its hash."""
-    target = CACHE / f"cifar10-jpeg-{archive_sha256[:12]}"
-    if not (target / "test").is_dir():
-        partial = target.with_suffix(".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(partial, filter="data")
-        except tarfile.TarError as error:
-            raise SystemExit(f"{archive} is not a readable tar archive ({error})") from error
-        # The archive may hold train/ and test/ at its top or under one folder.
-        inner = next((p.parent for p in partial.rglob("test") if (p.parent / "train").is_dir()), None)
-        if inner is None:
-            raise SystemExit(f"{archive} has no train/ and test/ folders (one folder per class in each)")
-        inner.rename(target)
-    return target
+def extract_split(archive: Path, target: Path, split: str) -> None:
+    """Extract one split of the JPEG archive into target/<split>, once: the tests, which need only the test split,
+    never write the 50,000 training images (extracting them took four times as long as the 10,000)."""
+    if (target / split).is_dir():
+        return
+    partial = target.with_name(f"{target.name}.{split}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            # The archive may hold train/ and test/ at its top or under one folder.
+            folders = {parent for member in members for parent in PurePosixPath(member.name).parents}
+            top = next((folder.parent for folder in folders
+                        if folder.name == "test" and folder.parent / "train" in folders), None)
+            if top is None:
+                raise SystemExit(f"{archive} has no train/ and test/ folders (one folder per class in each)")
+            tar.extractall(partial, members=[member for member in members
+                                             if top / split in PurePosixPath(member.name).parents], filter="data")
+    except tarfile.TarError as error:
+        raise SystemExit(f"{archive} is not a readable tar archive ({error})") from error
+    target.mkdir(parents=True, exist_ok=True)
+    (partial / top / split).rename(target / split)
+    shutil.rmtree(partial)
 
 
 def load_cifar10(data: str | None, splits: tuple[str, ...] = ("train", "test")) -> dict:
-    """Uint8 tensors for the splits asked for, each decoded once and cached as .npz beside the extracted files
-    (the tests ask for the test split alone, and never decode the 50,000 training images)."""
+    """Uint8 tensors for the splits asked for, each extracted (from an archive) and decoded once, and cached as
+    .npz beside the extracted files: the tests ask for the test split alone."""
     source: dict = {}
     if data is None and SHARED_ARCHIVE.is_file():
         data = str(SHARED_ARCHIVE)
@@ -71,7 +78,7 @@ def load_cifar10(data: str | None, splits: tuple[str, ...] = ("train", "test")) 
     path = Path(data)
     if path.is_file():
         source = {"archive": str(path.resolve()), "archive_sha256": file_sha256(path)}
-        folder = extract_archive(path, source["archive_sha256"])
+        folder = CACHE / f"cifar10-jpeg-{source['archive_sha256'][:12]}"
     elif (path / "train").is_dir() and (path / "test").is_dir():
         folder, source = path, {"folder": str(path.resolve())}
     elif (path / "cifar-10-batches-py").is_dir():
@@ -86,6 +93,8 @@ def load_cifar10(data: str | None, splits: tuple[str, ...] = ("train", "test")) 
         if cache_file is not None and cache_file.is_file():
             arrays |= dict(np.load(cache_file))
         else:
+            if "archive" in source:
+                extract_split(path, folder, split)
             images, labels = decode_image_folder(folder / split)
             decoded = {f"{split}_x": images.numpy(), f"{split}_y": labels.numpy()}
             if cache_file is not None:

@@ -1,5 +1,6 @@
 """The real app in a real browser: `streamlit run app.py` driven by Playwright in Debian's Chromium, alone on
-SQLite, and two servers sharing one PostgreSQL + SeaweedFS store."""
+SQLite, and two servers sharing one PostgreSQL + SeaweedFS store. Every step waits on the page's state (the run an
+action started has ended, the text it shows), never for a fixed time."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -22,6 +24,42 @@ from servers import free_port
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# Installed in every page before the app's own scripts: counts the app's runs as the server reports them finished,
+# read off the websocket (ForwardMsg field 6, script_finished, other than 2, FINISHED_EARLY_FOR_RERUN), so a step
+# waits for the run its action started. The page's script state alone can miss a short run: React may render
+# "running" and "notRunning" in one go.
+COUNT_RUNS = """
+window.appRunsEnded = 0;
+const runFinished = buffer => {
+  const bytes = new Uint8Array(buffer);
+  let at = 0;
+  const varint = () => {
+    let value = 0, scale = 1, byte;
+    do { byte = bytes[at++]; value += (byte & 0x7f) * scale; scale *= 128; } while (byte & 0x80);
+    return value;
+  };
+  while (at < bytes.length) {
+    const tag = varint();
+    if (tag === 6 << 3) return varint() !== 2;
+    const wireType = tag & 7;
+    if (wireType === 0) varint();
+    else if (wireType === 1) at += 8;
+    else if (wireType === 2) { const length = varint(); at += length; }
+    else if (wireType === 5) at += 4;
+    else return false;
+  }
+  return false;
+};
+const PageWebSocket = window.WebSocket;
+window.WebSocket = class extends PageWebSocket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", event => {
+      if (event.data instanceof ArrayBuffer && runFinished(event.data)) window.appRunsEnded += 1;
+    });
+  }
+};
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -31,35 +69,45 @@ def chromium_installed():
 
 
 @contextmanager
-def streamlit_server(store_env: dict[str, str], log: Path):
-    """`streamlit run app.py` on a free port with this store; its output goes to a file (a pipe nobody reads
-    would fill up and stall a chatty server)."""
-    port = free_port()
+def streamlit_servers(store_env: dict[str, str], logs: list[Path]) -> Iterator[list[str]]:
+    """One `streamlit run app.py` with this store per log file, all started at once, each on a free port; a
+    server's output goes to its log (a pipe nobody reads would fill up and stall a chatty server)."""
     env = {key: value for key, value in os.environ.items() if key not in STORE_VARIABLES} | store_env
-    with open(log, "wb") as output:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    servers, urls = [], []
     try:
+        for log in logs:
+            port = free_port()
+            with open(log, "wb") as output:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+                     "--server.address", "127.0.0.1", "--server.headless", "true",
+                     "--browser.gatherUsageStats", "false"],
+                    cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT))
+            urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"streamlit did not start: {log.read_text()[-3000:]}")
-                time.sleep(0.3)
-        yield url
+        for server, url, log in zip(servers, urls, logs):
+            wait_until_up(server, url, log, deadline)
+        yield urls
     finally:
-        server.terminate()
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def wait_until_up(server: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
+    while True:
         try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.3)
 
 
 @pytest.fixture
@@ -76,12 +124,36 @@ def browser():
 
 
 def new_page(browser):
-    return browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page.add_init_script(COUNT_RUNS)
+    return page
 
 
-def wait_idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.wait_for_selector(IDLE, timeout=60_000)
+def runs_ended(page) -> int:
+    return page.evaluate("window.appRunsEnded")
+
+
+def wait_for_run(page, ended: int) -> None:
+    """Wait until more than `ended` runs have ended and the page shows the app idle (a run can start another)."""
+    page.wait_for_function("([ended, idle]) => window.appRunsEnded > ended && document.querySelector(idle) !== null",
+                           arg=[ended, IDLE], timeout=60_000)
+
+
+@contextmanager
+def app_run(page) -> Iterator[None]:
+    """Wait, after the block, for the app run that it started to end."""
+    ended = runs_ended(page)
+    yield
+    wait_for_run(page, ended)
+
+
+def open_app(page, url: str | None = None) -> None:
+    """Load the app at url (or reload the page) and wait for its first run to end."""
+    if url is None:
+        page.reload()
+    else:
+        page.goto(url)
+    wait_for_run(page, 0)  # a new document counts from 0
 
 
 def pictures(tmp_path, *specs: tuple[str, tuple[int, int, int]]) -> list[str]:
@@ -99,28 +171,38 @@ def choose_label(page, card_text: str, avoid: str = "horse") -> str:
     correction = avoid if box.input_value() != avoid else "deer"
     box.click()
     box.fill(correction)
-    page.get_by_role("option", name=correction, exact=True).click()
-    wait_idle(page)
+    with app_run(page):
+        page.get_by_role("option", name=correction, exact=True).click()
     assert box.input_value() == correction
     return correction
 
 
 def edit_label_cell(page, grid, row: int, label: str) -> None:
-    """Pick label in the table's label cell of row, by keyboard as a person would. The canvas grid can drop
-    keys that arrive before its editor opens, so the gesture is repeated until the cell shows the label; what
-    the app then saves is checked by the caller."""
+    """Pick label in the table's label cell of row, by keyboard as a person would: to the cell, Enter opens its
+    editor, the label is typed once the editor has the focus, Enter takes the one option left. The canvas grid
+    can drop keys, so the gesture is repeated until the cell shows the label; what the app then saves is checked
+    by the caller."""
+    from playwright.sync_api import expect
+
     cell = grid.locator(f'[data-testid="glide-cell-5-{row}"]')
+    overlay = page.get_by_test_id("portal")  # where the grid opens a cell's editor
     for _ in range(3):
+        ended = runs_ended(page)
         box = grid.bounding_box()
         page.mouse.click(box["x"] + 30, box["y"] + 50)  # the first row's first cell
         for key in ["ArrowRight"] * 5 + ["ArrowDown"] * row + ["Enter"]:  # to the label cell, and edit it
             page.keyboard.press(key)
-        page.wait_for_timeout(500)
-        page.keyboard.type(label)
-        page.wait_for_timeout(300)
-        page.keyboard.press("Enter")
-        page.get_by_text("images classified").click()  # leave the grid, which commits the edit
-        wait_idle(page)
+        try:
+            expect(overlay.get_by_role("combobox")).to_be_focused(timeout=10_000)
+            page.keyboard.type(label)
+            expect(overlay.get_by_role("option")).to_have_text([label], timeout=10_000)
+            page.keyboard.press("Enter")
+            page.get_by_text("images classified").click()  # leave the grid, which commits the edit
+            expect(cell).to_have_text(label, timeout=10_000)
+        except AssertionError:
+            page.keyboard.press("Escape")
+            continue
+        wait_for_run(page, ended)  # the one the edit started
         if cell.inner_text().strip() == label:
             return
     pytest.fail(f"the table's label cell of row {row} shows {cell.inner_text()!r}, not {label!r}")
@@ -133,20 +215,19 @@ def saved_count(page) -> str:
 def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
     db_path = tmp_path / "browser.db"
     store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")}
-    with streamlit_server(store, tmp_path / "server.log") as url:
+    with streamlit_servers(store, [tmp_path / "server.log"]) as [url]:
         page = new_page(browser)
         broken = tmp_path / "broken.jpg"
         broken.write_bytes(b"this is text")
         files = pictures(tmp_path, ("red.png", (220, 20, 20)), ("sky.png", (40, 120, 230))) + [str(broken)]
 
-        page.goto(url)
-        wait_idle(page)
+        open_app(page, url)
         assert page.get_by_text("Nothing saved yet").is_visible()
         assert page.locator('[data-testid="stSidebarNav"]').inner_text().split() == [
             "image_search", "Classify", "history", "History"]
-        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(files)
-        page.get_by_text("2 images classified").wait_for(timeout=60_000)
-        wait_idle(page)
+        with app_run(page):
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(files)
+            page.get_by_text("2 images classified").wait_for(timeout=60_000)
         assert "broken.jpg" in page.locator('[data-testid="stAlertContentError"]').inner_text()
         boxes = page.locator('[data-testid="stSelectbox"]')
         boxes.nth(1).wait_for(timeout=30_000)
@@ -154,17 +235,17 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         correction = choose_label(page, "red.png")
 
         # The table view corrects the other image: its selectbox cell takes the new class.
-        page.locator('[data-testid="stButtonGroup"]').get_by_text("Table", exact=True).click()
-        wait_idle(page)
+        with app_run(page):
+            page.locator('[data-testid="stButtonGroup"]').get_by_text("Table", exact=True).click()
         grid = page.locator('[data-testid="stDataFrame"]')
         grid.wait_for(timeout=30_000)
         sky_row = 0 if grid.locator('[data-testid="glide-cell-1-0"]').inner_text().strip() == "sky.png" else 1
         sky_prediction = grid.locator(f'[data-testid="glide-cell-2-{sky_row}"]').inner_text().strip()
         table_correction = "ship" if sky_prediction != "ship" else "truck"
         edit_label_cell(page, grid, sky_row, table_correction)
-        page.get_by_role("button", name="Save 2 images").click()
-        page.get_by_text("Saved 2 images").wait_for(timeout=30_000)
-        wait_idle(page)
+        with app_run(page):
+            page.get_by_role("button", name="Save 2 images").click()
+            page.get_by_text("Saved 2 images").wait_for(timeout=30_000)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app-after-save.png"), full_page=True)
 
@@ -174,9 +255,9 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         assert saved_count(page) == "2"
 
         # The History page lists both; its streamed downloads carry the corrections.
-        page.get_by_role("link", name="History").click()
-        page.get_by_text("2 of 2 saved images match").wait_for(timeout=30_000)
-        wait_idle(page)
+        with app_run(page):
+            page.get_by_role("link", name="History").click()
+            page.get_by_text("2 of 2 saved images match").wait_for(timeout=30_000)
         assert page.get_by_text("corrected from").count() == 2
         with page.expect_download(timeout=30_000) as download_info:
             page.get_by_role("link", name="Download records (CSV)").click()
@@ -194,33 +275,33 @@ def test_two_servers_share_one_postgresql_and_s3_store(browser, tmp_path, postgr
     """A team setup: what one server saves, the other shows, and the other's export carries it."""
     store = {"CIFAR10_DATABASE_URL": postgres_server.database("two_servers"),
              "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/two-servers", **s3_server.env()}
-    with streamlit_server(store, tmp_path / "first.log") as first, \
-            streamlit_server(store, tmp_path / "second.log") as second:
+    with streamlit_servers(store, [tmp_path / "first.log", tmp_path / "second.log"]) as [first, second]:
         on_first, on_second = new_page(browser), new_page(browser)
         on_first.goto(first)
-        wait_idle(on_first)
-        on_first.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-            pictures(tmp_path, ("red.png", (220, 20, 20))))
-        on_first.get_by_text("1 image classified").wait_for(timeout=60_000)
-        wait_idle(on_first)
+        on_second.goto(second)  # both servers load the model at once
+        wait_for_run(on_first, 0)
+        wait_for_run(on_second, 0)
+        with app_run(on_first):
+            on_first.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                pictures(tmp_path, ("red.png", (220, 20, 20))))
+            on_first.get_by_text("1 image classified").wait_for(timeout=60_000)
         correction = choose_label(on_first, "red.png")
-        on_first.get_by_role("button", name="Save 1 image").click()
-        on_first.get_by_text("Saved 1 image").wait_for(timeout=30_000)
+        with app_run(on_first):
+            on_first.get_by_role("button", name="Save 1 image").click()
+            on_first.get_by_text("Saved 1 image").wait_for(timeout=30_000)
 
-        on_second.goto(second)
-        wait_idle(on_second)
+        open_app(on_second)  # a new session on the other server
         assert saved_count(on_second) == "1"
-        on_second.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-            pictures(tmp_path, ("sky.png", (40, 120, 230))))
-        on_second.get_by_text("1 image classified").wait_for(timeout=60_000)
-        wait_idle(on_second)
-        on_second.get_by_role("button", name="Save 1 image").click()
-        on_second.get_by_text("Saved 1 image").wait_for(timeout=30_000)
-        wait_idle(on_second)
+        with app_run(on_second):
+            on_second.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                pictures(tmp_path, ("sky.png", (40, 120, 230))))
+            on_second.get_by_text("1 image classified").wait_for(timeout=60_000)
+        with app_run(on_second):
+            on_second.get_by_role("button", name="Save 1 image").click()
+            on_second.get_by_text("Saved 1 image").wait_for(timeout=30_000)
         assert saved_count(on_second) == "2"
 
-        on_first.reload()
-        wait_idle(on_first)
+        open_app(on_first)
         assert saved_count(on_first) == "2"
         with urllib.request.urlopen(f"{second}/export/cifar10_feedback.zip", timeout=30) as response:
             names = zipfile.ZipFile(io.BytesIO(response.read())).namelist()

@@ -18,7 +18,7 @@ from archives import iter_csv, iter_zip
 from conftest import ROOT, cannot_run, image_bytes, shown, without_code_spans
 from db import NewPrediction, Store
 from display import code_span, escape_markdown
-from test_browser import CHROMIUM, browser, new_page, streamlit_server, wait_idle  # noqa: F401 (browser: a fixture)
+from test_browser import CHROMIUM, app_run, browser, new_page, open_app, streamlit_servers  # noqa: F401 (browser: a fixture)
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
 # A model_version from an imported archive: it closes a plain `...` code span around it, then links and shows
@@ -128,24 +128,23 @@ def test_hostile_text_renders_as_text_in_a_real_browser(chromium, store_env, tmp
         pictures = page.eval_on_selector_all("img[src]", "nodes => nodes.map(node => node.src)")
         return [address for address in links + pictures + requested if "evil" in address]
 
-    with streamlit_server({"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(image_dir)},
-                          tmp_path / "server.log") as url:
+    with streamlit_servers({"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(image_dir)},
+                           [tmp_path / "server.log"]) as [url]:
         page = new_page(chromium)
         page.on("request", lambda request: requested.append(request.url))
-        page.goto(url)
-        wait_idle(page)
-        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([
-            {"name": UPLOAD_NAME, "mimeType": "image/png", "buffer": RED},
-            {"name": BROKEN_NAME, "mimeType": "image/jpeg", "buffer": b"not a picture"}])
+        open_app(page, url)
+        with app_run(page):
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([
+                {"name": UPLOAD_NAME, "mimeType": "image/png", "buffer": RED},
+                {"name": BROKEN_NAME, "mimeType": "image/jpeg", "buffer": b"not a picture"}])
         page.get_by_text("1 image classified").wait_for(timeout=60_000)
-        wait_idle(page)
         assert outside_addresses(page) == []
         main = page.locator('[data-testid="stMain"]').inner_text()
         assert UPLOAD_NAME in main and BROKEN_NAME in main and f"as {HOSTILE_LABEL}." in main
 
-        page.get_by_role("link", name="History").click()
+        with app_run(page):
+            page.get_by_role("link", name="History").click()
         page.get_by_text("1 of 1 saved images match").wait_for(timeout=30_000)
-        wait_idle(page)
         assert outside_addresses(page) == []
         history = page.locator('[data-testid="stMain"]').inner_text()
         assert HOSTILE_SOURCE in history and HOSTILE_LABEL in history and f"model {HOSTILE_VERSION}" in history
