@@ -12,8 +12,22 @@ import string
 
 from PIL import Image
 
+from classes import CLASSES
+
 CARD_SIZE = 220   # pixels: the width of a card on the main page
+PICTURE_SIZE = 512  # the one-at-a-time view's large picture (the decoded copy is at most this big)
 THUMBNAIL_SIZE = 96
+
+# The one-at-a-time view's keys: the ten classes on the digits in CIFAR-10's order (1 = airplane ... 0 = truck).
+CLASS_KEYS = dict(zip(CLASSES, "1234567890"))
+KEYBOARD = (
+    ("`1` … `9`, `0`", "the class, in CIFAR-10's order: "
+     + ", ".join(f"{key} {label}" for label, key in CLASS_KEYS.items()) + "; then the next picture"),
+    ("`Enter`", "the prediction is right: confirm it; then the next picture"),
+    ("`X`", "skip: leave the picture out of the save; then the next picture"),
+    ("`Backspace`", "back to the previous picture (to change its label)"),
+    ("`Ctrl+Enter`", "Save: the same as the button, with its undo"),
+)
 
 
 PUNCTUATION = re.compile(f"([{re.escape(string.punctuation)}])")
@@ -64,3 +78,8 @@ def thumbnail(data: bytes, name: str) -> bytes:
 def data_url(jpeg: bytes) -> str:
     """Encoded image bytes as a data: URL, for table cells that take an image address."""
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+def keyboard_help() -> str:
+    """The key table of the one-at-a-time view, as markdown (the page's Keyboard help and the README show it)."""
+    return "| key | what it does |\n|---|---|\n" + "\n".join(f"| {keys} | {does} |" for keys, does in KEYBOARD)

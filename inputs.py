@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import lzma
 import os
+import re
+import tempfile
 import threading
 import time
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -24,6 +30,13 @@ ALLOWED_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "mpo")  # .mpo: multi
 # Pillow opens it as format "MPO". It is decoded, reduced and stored (.jpg) like any JPEG; the first picture is used.
 JPEG_FORMATS = ("JPEG", "MPO")
 MAX_FILE_BYTES = 20 * 1024 * 1024
+# A ZIP of such images (ImageFolder or flat) is read member by member; the upload limit applies to the ZIP itself.
+ZIP_EXTENSIONS = ("zip",)
+MAX_ZIP_MEMBERS = 10_000
+# What zipfile can inflate; a member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so
+# is an archive whose members together do (many small members of nothing).
+READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+MAX_COMPRESSION_RATIO = 100
 # 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # Decoded images are kept at most this big: all the page shows, and far more than the model's 32x32.
@@ -231,6 +244,100 @@ def _shrink(image: Image.Image) -> None:
     image.thumbnail(DISPLAY_SIZE, Image.Resampling.LANCZOS, reducing_gap=1.5)
 
 
+def is_zip(name: str) -> bool:
+    return name.lower().endswith(tuple(f".{extension}" for extension in ZIP_EXTENSIONS))
+
+
+def zip_images(data: bytes, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """The files of an uploaded ZIP, one at a time (memory holds one member): (name shown, bytes, None) for each
+    member to read as an image, named `archive.zip/folder/file.jpg`; (name shown, None, why) for each member that
+    is left out (an unsafe path, encrypted, unreadable, too big); the rest go on. Folders are read through
+    (ImageFolder or flat); hidden files (`.DS_Store`, the `._` copies macOS adds under `__MACOSX/`) are archive
+    clutter, passed over. Whether a member is an image is for the decoder to say, by content, as for any upload."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        yield name, None, f"'{name}' is not a readable ZIP archive ({error})."
+        return
+    with archive:
+        members = [info for info in archive.infolist()
+                   if not info.is_dir() and not info.filename.rsplit("/", 1)[-1].startswith(".")]
+        if len(members) > MAX_ZIP_MEMBERS:
+            yield name, None, (f"'{name}' holds {len(members):,} files; the first {MAX_ZIP_MEMBERS:,} were read, "
+                               "the rest left out.")
+        inflated = 0  # what all members read so far come to: at most MAX_COMPRESSION_RATIO times the archive
+        for info in members[:MAX_ZIP_MEMBERS]:
+            shown = f"{name}/{info.filename}"
+            inflated += info.file_size
+            if inflated > MAX_COMPRESSION_RATIO * len(data):
+                yield shown, None, (f"'{name}' inflates to more than {MAX_COMPRESSION_RATIO} times its size: "
+                                    f"member {info.filename!r} and the ones after it were left out.")
+                return
+            problem = _zip_member_problem(info)
+            if problem:
+                yield shown, None, f"'{name}': member {info.filename!r} {problem}; it was left out."
+                continue
+            try:
+                with archive.open(info) as member:
+                    yield shown, member.read(MAX_FILE_BYTES + 1), None
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError,
+                    ValueError) as error:
+                yield shown, None, (f"'{name}': member {info.filename!r} cannot be read "
+                                    f"({error or type(error).__name__}); it was left out.")
+
+
+def _zip_member_problem(info: zipfile.ZipInfo) -> str:
+    """Why a member is not read, or ''."""
+    path = info.filename
+    if path.startswith(("/", "\\")) or "\\" in path or ".." in path.split("/") or re.match(r"^[A-Za-z]:", path):
+        return "has an unsafe path (absolute, or with '..')"
+    if info.flag_bits & 0x1:
+        return "is encrypted"
+    if info.flag_bits & 0x20 or info.compress_type not in READABLE_COMPRESSION:
+        return f"is compressed with a method that cannot be read (ZIP method {info.compress_type})"
+    if info.file_size > MAX_FILE_BYTES:
+        return f"is {info.file_size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB"
+    if info.file_size > 1 << 20 and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size):
+        return f"inflates {info.file_size / max(1, info.compress_size):.0f} times: refused as a ZIP bomb"
+    return ""
+
+
+class Spool:
+    """Uploaded originals kept on disk for one browser session instead of in memory: Save reads them back, byte for
+    byte. An anonymous temporary file (in TMPDIR), gone when closed, when the session ends or the server stops.
+    Appends and reads may come from several threads."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="cifar10-originals-")
+        self._lock = threading.Lock()
+        self._size = 0
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        """Keep these bytes; returns where they are: (offset, length)."""
+        with self._lock:
+            offset = self._size
+            self._size += len(data)
+        view, at = memoryview(data), offset
+        while view:
+            written = os.pwrite(self._file.fileno(), view, at)
+            view, at = view[written:], at + written
+        return offset, len(data)
+
+    def read(self, place: tuple[int, int]) -> bytes:
+        offset, length = place
+        parts = []
+        while length:
+            part = os.pread(self._file.fileno(), length, offset)
+            if not part:
+                raise OSError(f"the spool of uploads ends {length} bytes early")
+            parts.append(part)
+            offset, length = offset + len(part), length - len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def private_url_policy() -> str:
     """'none' by default: a public server must never become a probe of its own network.
 
@@ -270,14 +377,17 @@ def fetch_image(url: str, max_bytes: int = MAX_FILE_BYTES, deadline_s: float = U
     session = _session(private_url_policy())
     # The download runs in a worker so that even a name lookup, which takes no timeout, cannot outlast the
     # deadline; each hop's own timeouts are what is left of it, so the worker ends soon after as well.
-    future = _FETCHERS.submit(_download, session, url, max_bytes, deadline)
+    future = _FETCHERS.submit(_download, session, url, max_bytes, deadline, deadline_s)
     try:
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
     except FutureTimeout:
-        raise FetchError(f"{url!r} took longer than {deadline_s:.0f} s in all (connecting, redirects and "
-                         "download).") from None
+        raise _past_deadline(url, deadline_s) from None
     finally:
         session.close()
+
+
+def _past_deadline(url: str, deadline_s: float) -> FetchError:
+    return FetchError(f"{url!r} took longer than {deadline_s:.0f} s in all (connecting, redirects and download).")
 
 
 def _checked_url(url: str) -> str:
@@ -295,7 +405,7 @@ def _checked_url(url: str) -> str:
     return url
 
 
-def _download(session, url: str, max_bytes: int, deadline: float) -> bytes:
+def _download(session, url: str, max_bytes: int, deadline: float, deadline_s: float) -> bytes:
     """Follow at most URL_MAX_REDIRECTS redirects by hand, each hop checked and given only the time left."""
     import requests
     from requests_hardened.ip_filter import InvalidIPAddress
@@ -330,6 +440,8 @@ def _download(session, url: str, max_bytes: int, deadline: float) -> bytes:
             f"{url!r} points to a private or local address ({error}), which is refused. "
             f"Set {ALLOW_PRIVATE_URLS_ENV}=1 to allow it on your own machine.") from error
     except requests.Timeout as error:
+        if time.monotonic() >= deadline - 0.05:  # the hop had only what was left of the deadline: that ran out
+            raise _past_deadline(url, deadline_s) from error
         raise FetchError(f"{url!r} did not answer in time ({error.__class__.__name__}).") from error
     except requests.ConnectionError as error:
         raise FetchError(f"{url!r} could not be reached: {_reason(error)}.") from error

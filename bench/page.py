@@ -1,6 +1,7 @@
-"""Benchmark: how long each click takes on the server, with 20 photos on the page and 20 or 20,000 records saved.
+"""Benchmark: how long each click and each key takes, with 20 or 120 photos on the page and 20 or 20,000 records
+saved; and a thousand 12-megapixel photos uploaded at once: how long, and the server's memory.
 
-    python bench/page.py [--records 20000] [--repeat 3] [--no-browser]
+    python bench/page.py [--records 20000] [--repeat 3] [--keys 20] [--no-browser] [--photos 1000] [--only keys|photos]
 
 Two SQLite stores: one with 20 records, one with --records restored by `python db.py import` from an export
 (the backup path a team uses). On each, through streamlit.testing's AppTest (server time of one rerun, median
@@ -8,19 +9,32 @@ of --repeat): open the page, upload 20 photos (the uploads of bench/inference.py
 20, open History, go to its next page. "Correct one" is timed as the browser runs it: a rerun of the review
 fragment alone (AppTest itself always reruns the whole script, which is timed too). Then the same interactions
 in Chromium against `streamlit run app.py`: the time from the click to the page being idle again.
+
+Keys: 120 photos on the page, the one-at-a-time view; the server time of each key (a rerun of the review fragment,
+as the browser runs it; median of --keys presses of digits, Enter, X and Backspace), then in Chromium the time from
+the key press to the next picture drawn (its position line shown and its image loaded).
+
+Photos: --photos distinct 4000x3000 JPEGs (one photo-like picture, each copy with its own JPEG comment, so each has
+its own hash and costs a full decode) uploaded at once in Chromium to `streamlit run app.py`: the time until every
+one is classified, when the first ones can be reviewed, and the server process's memory (resident set, sampled every
+0.1 s) before, at its peak and after.
+
 Prints numbers and the ratio of the big store to the small one; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -135,10 +149,43 @@ def apptest_interactions(env: dict[str, str], uploads: list[tuple[str, bytes, st
     return times
 
 
-def browser_interactions(env: dict[str, str], paths: list[Path], folder: Path) -> dict[str, float]:
+@contextlib.contextmanager
+def streamlit_server(env: dict[str, str], log: Path):
+    """`streamlit run app.py` on a free port with this store; yields its address and its process."""
+    from servers import free_port
+    from test_browser import wait_until_up
+
+    port = free_port()
+    with open(log, "wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
+             "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(server, url, log, time.monotonic() + 120)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def chromium_page():
     from playwright.sync_api import sync_playwright
 
-    from test_browser import CHROMIUM, IDLE, streamlit_server
+    from test_browser import CHROMIUM
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser.close()
+
+
+def browser_interactions(env: dict[str, str], paths: list[Path], folder: Path) -> dict[str, float]:
+    from test_browser import IDLE
 
     def idle(page) -> None:
         page.wait_for_timeout(50)
@@ -151,16 +198,14 @@ def browser_interactions(env: dict[str, str], paths: list[Path], folder: Path) -
         return time.perf_counter() - started
 
     times = {}
-    with streamlit_server(env, folder / "server.log") as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with streamlit_server(env, folder / "server.log") as (url, _), chromium_page() as page:
         page.goto(url)
         idle(page)  # the model loads once per server: not part of any click
         times["open the page"] = clicked(page, lambda: page.goto(url))
         uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+        classified = page.get_by_text("20 images classified").first
         times["upload 20 photos"] = clicked(page, lambda: (uploader.set_input_files([str(p) for p in paths]),
-                                                          page.get_by_text("20 images classified").wait_for(timeout=120_000)))
+                                                          classified.wait_for(timeout=120_000)))
         box = page.get_by_role("combobox").first
         choice = "ship" if box.input_value() != "ship" else "frog"
         box.click()
@@ -173,8 +218,149 @@ def browser_interactions(env: dict[str, str], paths: list[Path], folder: Path) -
         next_page = page.get_by_role("button", name="Next page")
         if next_page.is_enabled():
             times["History next page"] = clicked(page, next_page.click)
-        browser.close()
     return times
+
+
+# ---------------------------------------------------------------- keys, and a thousand photos
+
+KEY_PRESSES = ("3", "enter", "x", "backspace", "7", "enter", "1", "0")  # digits, Enter, X, Backspace, in turn
+PICTURE = ".st-key-one-picture"
+
+
+def photo_copies(count: int, size: tuple[int, int], name: str) -> list[Path]:
+    """`count` distinct JPEG files of one photo-like picture (smooth colour fields plus sensor-like noise, quality
+    90), each with a comment segment of its own: each has its own hash and costs what any photo of that size costs
+    to decode; made in seconds instead of one picture at a time. Kept in the git-ignored bench/uploads/."""
+    folder = CACHE / f"{name}-{size[0]}x{size[1]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "base.jpeg"
+    if not base.exists():
+        rng = np.random.default_rng(2)
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        pixels = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+        pixels += rng.normal(0, 6, pixels.shape).astype(np.float32)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(base, "JPEG", quality=90)
+    data = base.read_bytes()
+    paths = []
+    for index in range(count):
+        path = folder / f"photo-{index:04d}.jpg"
+        if not path.exists():
+            comment = f"copy {index}".encode()
+            path.write_bytes(data[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + data[2:])
+        paths.append(path)
+    return paths
+
+
+def press_in_apptest(app, key: str) -> float:
+    """The button with this shortcut clicked; the server time of the review fragment's rerun, as the browser has it."""
+    [button] = [b for b in app.button if b.proto.shortcut == key and not b.disabled]
+    button.click()
+    app._tree  # the click goes with the next run, which reruns the fragment only
+    seconds = fragment_rerun(app)
+    app.run()  # untimed: AppTest's element tree after a fragment run holds the fragment alone
+    return seconds
+
+
+def apptest_keys(env: dict[str, str], uploads: list[tuple[str, bytes, str]], presses: int) -> list[float]:
+    from streamlit.testing.v1 import AppTest
+
+    os.environ.update(env)
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    app.run()
+    app.file_uploader[0].set_value(uploads)
+    app.run()
+    app.segmented_control[0].set_value("One at a time")
+    app.run()
+    return [press_in_apptest(app, KEY_PRESSES[number % len(KEY_PRESSES)]) for number in range(presses)]
+
+
+def shown_number(page) -> int:
+    return int(page.locator(PICTURE).inner_text().split(" of ")[0])
+
+
+def browser_keys(env: dict[str, str], paths: list[Path], folder: Path, presses: int) -> list[float]:
+    """Seconds from a key press to the next picture drawn: its "n of 120" line shown and its image loaded."""
+    from test_browser import IDLE
+
+    drawn = """([selector, number]) => {
+        const box = document.querySelector(selector);
+        const image = box && box.querySelector("img");
+        return box && box.innerText.startsWith(number + " of ") && image && image.complete && image.naturalWidth > 0;
+    }"""
+    times = []
+    with streamlit_server(env, folder / "keys.log") as (url, _), chromium_page() as page:
+        page.goto(url)
+        page.wait_for_selector(IDLE, timeout=120_000)
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(p) for p in paths])
+        page.get_by_text(f"{len(paths)} images classified").first.wait_for(timeout=300_000)
+        page.wait_for_selector(IDLE, timeout=300_000)
+        page.locator('[data-testid="stButtonGroup"] button').filter(has_text="One at a time").click()
+        page.locator(PICTURE).wait_for(timeout=60_000)
+        for number in range(presses):
+            page.wait_for_selector(IDLE, timeout=60_000)
+            page.evaluate("new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+            key = KEY_PRESSES[number % len(KEY_PRESSES)]
+            at = shown_number(page)
+            started = time.perf_counter()
+            page.keyboard.press({"enter": "Enter", "backspace": "Backspace"}.get(key, key))
+            page.wait_for_function(drawn, arg=[PICTURE, at - 1 if key == "backspace" else at + 1], timeout=60_000)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+class MemorySampler(threading.Thread):
+    """The resident set of a process, every 0.1 s, while it runs."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.samples, self.running = pid, [], True
+        self.start()
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+    def run(self) -> None:
+        while self.running:
+            self.samples.append((time.monotonic(), self.rss()))
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.running = False
+        self.join()
+
+
+def browser_photos(count: int, folder: Path) -> dict[str, float]:
+    """`count` 12-megapixel JPEGs uploaded at once: seconds until every one is classified and until the first ones
+    can be reviewed, and the server's resident memory before, at its peak, and once they are all read."""
+    from test_browser import IDLE
+
+    paths = photo_copies(count, (4000, 3000), "twelve-megapixels")
+    total = sum(path.stat().st_size for path in paths)
+    print(f"  {count:,} photos of 4000x3000, {total / 2**30:.2f} GiB in all", flush=True)
+    env = store_env(folder / "photos")
+    (folder / "photos").mkdir(exist_ok=True)
+    with streamlit_server(env, folder / "photos.log") as (url, server), chromium_page() as page:
+        page.goto(url)
+        page.wait_for_selector(IDLE, timeout=120_000)
+        memory = MemorySampler(server.pid)
+        before = memory.rss()
+        started = time.monotonic()
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(p) for p in paths])
+        page.get_by_text("images classified").first.wait_for(timeout=1_800_000)
+        first = time.monotonic() - started
+        page.get_by_text(f"{count} images classified").first.wait_for(timeout=1_800_000)
+        page.wait_for_selector(IDLE, timeout=600_000)
+        done = time.monotonic() - started
+        time.sleep(2)
+        memory.stop()
+        after = memory.rss()
+        peak_at, peak = max(memory.samples, key=lambda sample: sample[1])
+        cards = page.locator('[data-testid="stSelectbox"]').count()
+    return {"GiB uploaded": total / 2**30, "seconds until all classified": done,
+            "seconds until the first can be reviewed": first, "MB before": before / 2**20, "MB peak": peak / 2**20,
+            "seconds into the upload at the peak": peak_at - started, "MB after": after / 2**20,
+            "cards on the first page": cards}
 
 
 def main() -> None:
@@ -182,30 +368,65 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-browser", action="store_true")
+    parser.add_argument("--keys", type=int, default=20, help="key presses timed, on each store and in Chromium")
+    parser.add_argument("--photos", type=int, default=1000, help="12-megapixel photos uploaded at once")
+    parser.add_argument("--only", choices=("clicks", "keys", "photos"))
     args = parser.parse_args()
-    paths = make_uploads(20)
-    uploads = [(path.name, path.read_bytes(), "image/jpeg" if path.suffix == ".jpeg" else "image/png") for path in paths]
-    print(f"20 photos, {sum(len(data) for _, data, _ in uploads) / 1e6:.0f} MB; stores:", flush=True)
+    if args.only == "photos":
+        for name, value in browser_photos(args.photos, Path(tempfile.mkdtemp(prefix="cifar10-photos-"))).items():
+            print(f"  {name:<40} {value:10.1f}")
+        return
     folders = {size: Path(tempfile.mkdtemp(prefix=f"cifar10-page-{size}-")) for size in (20, args.records)}
     envs = {size: make_store(folder, size) for size, folder in folders.items()}
 
     from streamlit.testing.v1 import AppTest
 
+    for env in envs.values():  # untimed: the model loads and the store opens once per server process
+        os.environ.update(env)
+        AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
+    if args.only in (None, "clicks"):
+        clicks(args, envs, folders)
+    if args.only in (None, "keys"):
+        keys(args, envs, folders)
+    if args.only is None:
+        print(f"\n{args.photos:,} photos uploaded at once, in Chromium:", flush=True)
+        for name, value in browser_photos(args.photos, folders[20]).items():
+            print(f"  {name:<40} {value:10.1f}")
+
+
+def clicks(args, envs: dict[int, dict[str, str]], folders: dict[int, Path]) -> None:
+    paths = make_uploads(20)
+    uploads = [(path.name, path.read_bytes(), "image/jpeg" if path.suffix == ".jpeg" else "image/png")
+               for path in paths]
+    print(f"\n20 photos, {sum(len(data) for _, data, _ in uploads) / 1e6:.0f} MB", flush=True)
     results: dict[int, dict[str, list[float]]] = {size: {} for size in envs}
     for size, env in envs.items():
-        os.environ.update(env)
-        # Untimed: the model loads and the store opens once per server process, not per click.
-        AppTest.from_file(str(ROOT / "app.py"), default_timeout=300).run()
         for _ in range(args.repeat):
             for name, seconds in apptest_interactions(env, uploads).items():
                 results[size].setdefault(name, []).append(seconds)
-    print(f"\nAppTest, server seconds per interaction (median of {args.repeat}): 20 records / {args.records:,} records")
+    print(f"AppTest, server seconds per interaction (median of {args.repeat}): 20 records / {args.records:,} records")
     report(results[20], results[args.records], statistics.median)
-
     if not args.no_browser:
         browser = {size: browser_interactions(envs[size], paths, folders[size]) for size in envs}
         print(f"\nChromium, seconds from click to idle page: 20 records / {args.records:,} records")
         report(browser[20], browser[args.records], lambda seconds: seconds)
+
+
+def keys(args, envs: dict[int, dict[str, str]], folders: dict[int, Path]) -> None:
+    paths = photo_copies(120, (1600, 1200), "keys")
+    uploads = [(path.name, path.read_bytes(), "image/jpeg") for path in paths]
+    print(f"\n120 photos of 1600x1200 on the page, one at a time, {args.keys} keys "
+          f"({', '.join(KEY_PRESSES)} in turn)", flush=True)
+    server = {size: apptest_keys(env, uploads, args.keys) for size, env in envs.items()}
+    print(f"AppTest, server seconds per key, median (max): 20 records / {args.records:,} records")
+    print(f"  {'a key (the review reruns alone)':<34} {statistics.median(server[20]):6.3f} ({max(server[20]):.3f}) / "
+          f"{statistics.median(server[args.records]):6.3f} ({max(server[args.records]):.3f})")
+    if not args.no_browser:
+        browser = {size: browser_keys(envs[size], paths, folders[size], args.keys) for size in envs}
+        print(f"Chromium, seconds from key press to the next picture drawn, median (max): 20 records / "
+              f"{args.records:,} records")
+        print(f"  {'a key':<34} {statistics.median(browser[20]):6.3f} ({max(browser[20]):.3f}) / "
+              f"{statistics.median(browser[args.records]):6.3f} ({max(browser[args.records]):.3f})")
 
 
 def report(small: dict, big: dict, summary) -> None:

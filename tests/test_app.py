@@ -763,3 +763,209 @@ def test_the_model_cards_low_confidence_threshold_is_the_pages_default(store_env
     app.run()
     [slider] = app.slider
     assert slider.value == expected and 0 < expected < 100
+
+
+# ---------------------------------------------------------------- one at a time, by keys; ZIPs; pages of 50
+
+CLASS_KEYS = dict(zip(("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+                      "1234567890"))
+POSITION = re.compile(r"^\*\*(\d+) of (\d+)\*\*")
+
+
+def colour_pictures(count: int, size: tuple[int, int] = (40, 30)) -> list[tuple[str, bytes, str]]:
+    """`count` small PNGs, each of its own colour."""
+    return [(f"p{index:03d}.png", image_bytes("PNG", size=size, color=(index * 37 % 256, index * 91 % 256,
+                                                                     (index * 53 + 40) % 256)), "image/png")
+            for index in range(count)]
+
+
+def review_as(app: AppTest, view: str) -> None:
+    app.segmented_control[0].set_value(view)
+    app.run()
+    assert not app.exception
+
+
+def position(app: AppTest) -> tuple[int, int, str]:
+    """(n, total, source) of the picture the one-at-a-time view shows."""
+    [text] = [m.value for m in app.markdown if POSITION.match(m.value)]
+    number, total = map(int, POSITION.match(text).groups())
+    return number, total, shown(text.split(" · ", 1)[1])
+
+
+def press(app: AppTest, key: str) -> None:
+    """What a key does in the browser: the button with that shortcut is clicked (AppTest has no keyboard)."""
+    [button] = [b for b in app.button if b.proto.shortcut == key.lower()]  # Streamlit keeps them in lower case
+    assert not button.disabled, key
+    button.click()
+    app.run()
+    assert not app.exception
+
+
+def table_column(app: AppTest, column: str) -> dict[str, str]:
+    table = app.dataframe[0].value if app.dataframe else app.data_editor[0].value
+    return dict(zip(table["source"], table[column]))
+
+
+def test_one_at_a_time_by_keys_saves_exactly_the_labels_chosen_and_shares_them_with_cards_and_table(store_env):
+    db_path, _ = store_env
+    app = start_app()
+    files = colour_pictures(6)
+    upload(app, files)
+    review_as(app, "Table")
+    order = list(app.data_editor[0].value["source"])  # the review order: flagged first, then upload order
+    predicted = table_column(app, "prediction")
+    review_as(app, "One at a time")
+
+    shortcuts = {b.label: b.proto.shortcut for b in app.button if b.proto.shortcut}
+    assert {label: shortcuts[label] for label in CLASS_KEYS} == CLASS_KEYS
+    assert shortcuts["Confirm"] == "enter" and shortcuts["Back"] == "backspace"
+    assert shortcuts["Skip"] == "x" and shortcuts["Save 6 images"] == "ctrl+enter"
+    assert any("Backspace" in m.value and "Ctrl+Enter" in m.value for m in app.markdown)  # the Keyboard help
+
+    def other_than(source: str, start: int) -> str:
+        labels = list(CLASS_KEYS)
+        return next(label for label in labels[start:] + labels[:start] if label != predicted[source])
+
+    expected = {}
+    assert position(app) == (1, 6, order[0])
+    stale = next(b for b in app.button if b.label == other_than(order[0], 0))
+    press(app, "Enter")                       # 1: the prediction is right
+    expected[order[0]] = predicted[order[0]]
+    assert position(app) == (2, 6, order[1])
+    stale.click().run()  # a key of picture 1 that arrives after the view left it is dropped, not given to picture 2
+    assert position(app) == (2, 6, order[1])
+    label = other_than(order[1], 3)
+    press(app, CLASS_KEYS[label])             # 2: corrected with a digit
+    expected[order[1]] = label
+    press(app, "X")                           # 3: skipped
+    label = other_than(order[3], 6)
+    press(app, CLASS_KEYS[label])             # 4: corrected...
+    assert position(app)[:2] == (5, 6)
+    press(app, "Backspace")                   # ...revisited...
+    assert position(app) == (4, 6, order[3])
+    assert any(f"**{label}**" in m.value and "corrected" in m.value for m in app.markdown)
+    label = other_than(order[3], 8)
+    press(app, CLASS_KEYS[label])             # ...and changed
+    expected[order[3]] = label
+    press(app, "Enter")                       # 5: confirmed
+    expected[order[4]] = predicted[order[4]]
+    label = other_than(order[5], 1)
+    press(app, CLASS_KEYS[label])             # 6: corrected
+    expected[order[5]] = label
+    assert not [m for m in app.markdown if POSITION.match(m.value)]
+    assert "All 6 pictures reviewed" in app.success[0].value
+    assert [b.label for b in app.button if b.proto.shortcut and not b.disabled] == ["Back", "Save 5 images"]
+
+    # The choices are the page's: Cards and Table show them, and a change there shows here.
+    review_as(app, "Cards")
+    assert {name: label_box(app, name).value for name, _, _ in files} == {**expected, order[2]: "skip"}
+    review_as(app, "Table")
+    assert table_column(app, "label") == {**expected, order[2]: "skip"}
+    edit_table(app, {0: {"label": "skip"}})
+    del expected[order[0]]
+    review_as(app, "One at a time")
+    press(app, "Backspace")
+    assert position(app) == (6, 6, order[5])
+    for _ in range(5):
+        press(app, "Backspace")
+    assert position(app) == (1, 6, order[0]) and any("**skip**" in m.value for m in app.markdown)
+
+    click(app, "Save 4 images")
+    assert "Saved 4 images" in shown(app.success[0].value) and "2 marked skip" in shown(app.success[0].value)
+    with sqlite3.connect(db_path) as connection:
+        assert dict(connection.execute("SELECT source, final_label FROM predictions")) == expected
+    click(app, "Undo last change")  # the same Save, with its undo
+    assert rows(db_path) == []
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            if name.endswith("/"):
+                archive.mkdir(name)
+            else:
+                archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_of_images_is_read_member_by_member_and_bad_members_are_named(store_env):
+    db_path, image_dir = store_env
+    pictures = {name: data for (name, data, _) in colour_pictures(4)}
+    members = {"../escape.png": pictures["p003.png"], "cat/": b"", "cat/a.png": pictures["p000.png"],
+               "notes.txt": b"shopping list", "dog/deep/b.png": pictures["p001.png"], "flat.png": pictures["p002.png"],
+               "__MACOSX/._flat.png": b"\x00\x05\x16\x07 resource fork", ".DS_Store": b"\x00\x00\x00\x01Bud1"}
+    app = start_app()
+    upload(app, [("photos.zip", zip_of(members), "application/zip"), ("single.jpg", BLUE, "image/jpeg"),
+                 ("broken.zip", b"PK\x03\x04 not really", "application/zip")])
+    errors = [shown(error.value) for error in app.error]
+    assert len(errors) == 3, errors
+    assert any("'photos.zip/notes.txt'" in error and "text file" in error for error in errors)
+    assert any("../escape.png" in error and "unsafe path" in error for error in errors)
+    assert any("'broken.zip'" in error and "not a readable ZIP" in error for error in errors)
+    assert "4 images classified" in app.subheader[0].value
+    assert app.file_uploader[0].value in (None, [])  # read: the uploader is free for the next ones
+    upload(app, [("later.png", RED, "image/png")])  # more photos join those on the page
+    assert "5 images classified" in app.subheader[0].value
+    click(app, "Save 5 images")
+    with sqlite3.connect(db_path) as connection:
+        saved = dict(connection.execute("SELECT source, image_file FROM predictions"))
+    assert sorted(saved) == ["later.png", "photos.zip/cat/a.png", "photos.zip/dog/deep/b.png", "photos.zip/flat.png",
+                             "single.jpg"]
+    # What is stored is the member's bytes exactly, as for any upload.
+    assert (image_dir / saved["photos.zip/dog/deep/b.png"]).read_bytes() == members["dog/deep/b.png"]
+    assert (image_dir / saved["single.jpg"]).read_bytes() == BLUE
+
+
+def test_cards_and_table_show_50_pictures_a_page(store_env):
+    app = start_app()
+    files = colour_pictures(57, size=(16, 12))
+    upload(app, files)
+    assert "57 images classified" in app.subheader[0].value
+    assert len(app.selectbox) == 50
+    assert any("page 1 of 2" in c.value for c in app.caption)
+    click(app, "Next page")
+    assert len(app.selectbox) == 7
+    review_as(app, "Table")
+    assert len(app.data_editor[0].value) == 7  # the page stays when the view changes
+    second = set(table_column(app, "source"))
+    click(app, "Previous page")
+    assert len(app.data_editor[0].value) == 50
+    assert set(table_column(app, "source")) | second == {name for name, _, _ in files}
+
+
+def test_a_save_bigger_than_one_transaction_saves_every_picture_and_one_undo_takes_all_back(store_env):
+    """Originals are read back from disk for Save, 64 MB to a transaction: four 19 MB pictures take two."""
+    import numpy as np
+    from PIL import Image
+
+    db_path, image_dir = store_env
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (2400, 2700, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=0)
+        files.append((f"big-{index}.png", buffer.getvalue(), "image/png"))
+    assert sum(len(data) for _, data, _ in files) > 64 << 20 > sum(len(data) for _, data, _ in files[:3])
+    app = start_app()
+    upload(app, files)
+    click(app, "Save 4 images")
+    assert "Saved 4 images" in app.success[0].value
+    with sqlite3.connect(db_path) as connection:
+        saved = dict(connection.execute("SELECT source, image_file FROM predictions"))
+    assert {name: (image_dir / saved[name]).read_bytes() for name, _, _ in files} == {
+        name: data for name, data, _ in files}
+    click(app, "Undo last change")
+    assert "Undid the save of 4 images: 4 removed" in shown(app.info[0].value)
+    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
+
+
+def test_a_zip_of_many_small_bombs_is_read_only_up_to_100_times_its_size(store_env):
+    """Members under 1 MB are not checked one by one for their ratio; together they may inflate 100 times the
+    archive at most, or a 20 MB upload could fill the disk with gigabytes of zeros."""
+    members = {"a.png": RED, **{f"zeros/{index:03d}.png": bytes(256 << 10) for index in range(40)}, "z.png": GREEN}
+    app = start_app()
+    upload(app, [("many.zip", zip_of(members), "application/zip")])
+    errors = [shown(error.value) for error in app.error]
+    assert [error for error in errors if "inflates to more than 100 times its size" in error] and len(errors) < 40
+    assert "1 image classified" in app.subheader[0].value  # a.png, read before the limit; z.png after it
