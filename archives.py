@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import csv
 import io
-import lzma
-import re
 import tempfile
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -26,16 +23,10 @@ if TYPE_CHECKING:  # for annotations only: inputs imports Pillow, which the comm
     from inputs import ImageInput
     from store import Store
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 # An exported labels.csv row is a few hundred characters (csv's own limit is 128 KiB a field): a longer one is
 # refused before it is read whole, so reading labels.csv takes memory that does not grow with it.
 MAX_MANIFEST_ROW_CHARS = 256 * 1024
-# What zipfile can inflate; the names of other methods met in the wild, for the error that refuses them.
-READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
-COMPRESSION_NAMES = {6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "XZ", 98: "PPMd"}
-# Images are stored compressed; a member that inflates more than this is not an image but a bomb.
-MAX_COMPRESSION_RATIO = 100
 
 
 # ---------------------------------------------------------------- export
@@ -226,18 +217,13 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> tuple[list
         return entries, duplicates
 
 
-# What reading or inflating a damaged member raises (zipfile, zlib, bz2 and lzma each have their own), so that
-# the error names the member: a traceback or a bare "LZMAError: Corrupt input data" names none.
-MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError, ValueError)
-
-
 def _read_image(path: str | Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> ImageInput:
     """One image member, decoded and fingerprinted, or ArchiveError naming it."""
-    from inputs import InvalidImageError, read_image_input
+    from inputs import MAX_FILE_BYTES, MEMBER_ERRORS, InvalidImageError, read_image_input
 
     try:
         with archive.open(info) as member:
-            return read_image_input(member.read(MAX_IMAGE_BYTES + 1), info.filename)
+            return read_image_input(member.read(MAX_FILE_BYTES + 1), info.filename)
     except InvalidImageError as error:
         raise ArchiveError(f"{path}: member {error}") from error
     except MEMBER_ERRORS as error:
@@ -252,27 +238,16 @@ def _label_of(member: str) -> str:
 def _image_members(path: str | Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """Every image member, checked for a safe path, a plausible size and a class folder; every member that
     will be read (labels.csv too), for being readable at all."""
+    from inputs import MAX_FILE_BYTES, zip_member_problem
+
     images = {}
     for info in archive.infolist():
         name = info.filename
-        if name.startswith(("/", "\\")) or "\\" in name or ".." in name.split("/") or re.match(r"^[A-Za-z]:", name):
-            raise ArchiveError(f"{path}: member {name!r} has an unsafe path (absolute, or with '..').")
+        problem = zip_member_problem(info, MAX_MANIFEST_BYTES if name == "labels.csv" else MAX_FILE_BYTES)
+        if problem:
+            raise ArchiveError(f"{path}: member {name!r} {problem}.")
         if info.is_dir():
             continue
-        if info.flag_bits & 0x1:
-            raise ArchiveError(f"{path}: member {name!r} is encrypted; make the archive again without a password.")
-        if info.flag_bits & 0x20:  # general purpose bit 5, which zipfile cannot read
-            raise ArchiveError(f"{path}: member {name!r} is compressed patched data (ZIP flag bit 5), which cannot "
-                               "be read; make the archive again with Deflate.")
-        if info.compress_type not in READABLE_COMPRESSION:
-            method = COMPRESSION_NAMES.get(info.compress_type, "an unknown method")
-            raise ArchiveError(f"{path}: member {name!r} is compressed with {method} (ZIP method "
-                               f"{info.compress_type}), which cannot be read; make the archive again with Deflate.")
-        limit = MAX_MANIFEST_BYTES if name == "labels.csv" else MAX_IMAGE_BYTES
-        if info.file_size > limit or (
-                info.file_size > 1 << 20 and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size)):
-            raise ArchiveError(f"{path}: member {name!r} inflates to {info.file_size / 2**20:.1f} MB from "
-                               f"{info.compress_size / 2**20:.2f} MB: refused as a ZIP bomb or an oversized file.")
         if name == "labels.csv":
             continue
         label, _, file_name = name.partition("/")
@@ -290,6 +265,8 @@ def _image_members(path: str | Path, archive: zipfile.ZipFile) -> dict[str, zipf
 def _manifest_records(path: str | Path, archive: zipfile.ZipFile) -> Iterator[tuple[int, list[str]]]:
     """labels.csv's non-empty CSV records with the line each starts on, read as they are asked for: a record
     longer than MAX_MANIFEST_ROW_CHARS is refused before it is read whole."""
+    from inputs import MEMBER_ERRORS
+
     line, used = 1, 0  # the line the record being read starts on, and its characters so far
 
     def lines(stream: io.TextIOWrapper) -> Iterator[str]:

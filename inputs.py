@@ -33,10 +33,15 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 # A ZIP of such images (ImageFolder or flat) is read member by member; the upload limit applies to the ZIP itself.
 ZIP_EXTENSIONS = ("zip",)
 MAX_ZIP_MEMBERS = 10_000
-# What zipfile can inflate; a member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so
-# is an archive whose members together do (many small members of nothing).
+# What zipfile can inflate, and the names of other methods met in the wild, for the error that refuses them. A
+# member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so is an upload whose members
+# together do (many small members of nothing). Uploads and `python db.py import` check members the same way.
 READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+COMPRESSION_NAMES = {6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "XZ", 98: "PPMd"}
 MAX_COMPRESSION_RATIO = 100
+# What reading or inflating a damaged member raises (zipfile, zlib, bz2 and lzma each have their own), so that
+# the error names the member: a traceback or a bare "LZMAError: Corrupt input data" names none.
+MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError, ValueError)
 # 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # Decoded images are kept at most this big: all the page shows, and far more than the model's 32x32.
@@ -273,32 +278,36 @@ def zip_images(data: bytes, name: str) -> Iterator[tuple[str, bytes | None, str 
                 yield shown, None, (f"'{name}' inflates to more than {MAX_COMPRESSION_RATIO} times its size: "
                                     f"member {info.filename!r} and the ones after it were left out.")
                 return
-            problem = _zip_member_problem(info)
+            problem = zip_member_problem(info, MAX_FILE_BYTES)
             if problem:
                 yield shown, None, f"'{name}': member {info.filename!r} {problem}; it was left out."
                 continue
             try:
                 with archive.open(info) as member:
                     yield shown, member.read(MAX_FILE_BYTES + 1), None
-            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError,
-                    ValueError) as error:
+            except MEMBER_ERRORS as error:
                 yield shown, None, (f"'{name}': member {info.filename!r} cannot be read "
                                     f"({error or type(error).__name__}); it was left out.")
 
 
-def _zip_member_problem(info: zipfile.ZipInfo) -> str:
-    """Why a member is not read, or ''."""
+def zip_member_problem(info: zipfile.ZipInfo, limit: int) -> str:
+    """Why a ZIP member must not be read, or '': an unsafe path, encryption, a method zipfile cannot inflate, more
+    than `limit` bytes, or a bomb. Said after the member's name, as in "member 'x.png' is encrypted; ..."."""
     path = info.filename
     if path.startswith(("/", "\\")) or "\\" in path or ".." in path.split("/") or re.match(r"^[A-Za-z]:", path):
         return "has an unsafe path (absolute, or with '..')"
     if info.flag_bits & 0x1:
-        return "is encrypted"
-    if info.flag_bits & 0x20 or info.compress_type not in READABLE_COMPRESSION:
-        return f"is compressed with a method that cannot be read (ZIP method {info.compress_type})"
-    if info.file_size > MAX_FILE_BYTES:
-        return f"is {info.file_size / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB"
-    if info.file_size > 1 << 20 and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size):
-        return f"inflates {info.file_size / max(1, info.compress_size):.0f} times: refused as a ZIP bomb"
+        return "is encrypted; make the archive again without a password"
+    if info.flag_bits & 0x20:  # general purpose bit 5, which zipfile cannot read
+        return "is compressed patched data (ZIP flag bit 5), which cannot be read; make the archive again with Deflate"
+    if info.compress_type not in READABLE_COMPRESSION:
+        method = COMPRESSION_NAMES.get(info.compress_type, "an unknown method")
+        return (f"is compressed with {method} (ZIP method {info.compress_type}), which cannot be read; make the "
+                "archive again with Deflate")
+    if info.file_size > limit or (
+            info.file_size > 1 << 20 and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size)):
+        return (f"inflates to {info.file_size / 2**20:.1f} MB from {info.compress_size / 2**20:.2f} MB: refused as a "
+                "ZIP bomb or an oversized file")
     return ""
 
 
