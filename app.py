@@ -2,8 +2,10 @@
 
     streamlit run app.py
 
-In order: the web server (`app`: Streamlit plus the streamed export downloads), the main page and its parts,
-and the navigation each browser session runs.
+In order: the web server (`app`: Streamlit plus the streamed export downloads), the main page top to bottom (the
+sidebar, the inputs, the review, its actions), and the navigation each browser session runs. What the page holds and
+does without drawing it (the queue of inputs, the labels, the review's order and place, what a Save takes) is
+review.py's.
 """
 
 from __future__ import annotations
@@ -11,14 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import math
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import streamlit as st
-from PIL import Image
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -27,31 +26,37 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 import charts
 from classes import CLASSES
 from classifier import Classifier, Prediction, WeightsError, load_classifier
-from db import (Change, NewPrediction, SettingsError, Store, StoreError, Summary, admin_refusal,
-                configured_admin_password, iter_csv, iter_zip, open_store)
-from display import (CARD_SIZE, CLASS_KEYS, PICTURE_SIZE, THUMBNAIL_SIZE, code_span, data_url, encode_image,
-                     escape_markdown, keyboard_help)
-from inputs import (ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, ZIP_EXTENSIONS, FetchError, InvalidImageError,
-                    Spool, fetch_image, is_zip, read_image_input, zip_images)
+from db import (SettingsError, Store, StoreError, Summary, admin_refusal, configured_admin_password, iter_csv, iter_zip,
+                open_store)
+from display import CARD_SIZE, CLASS_KEYS, code_span, data_url, escape_markdown, keyboard_help
+from inputs import ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, MAX_ZIP_BYTES, ZIP_EXTENSIONS
+from records import SaveResult
+from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, SKIP, UNKNOWN_FLAG, Item, Review, flag,
+                    page_count)
 
 COLUMNS = 4
-PAGE_SIZE = 50  # pictures on one page of Cards or Table
 ONE_AT_A_TIME = "One at a time"
 VIEWS = ("Cards", "Table", ONE_AT_A_TIME)
-SKIP = "skip"  # a label choice that means: do not save this image
-LABEL_CHOICES = (*CLASSES, SKIP)
-CONFIRM, BACK = "confirm", "back"  # the one-at-a-time view's other moves (besides the ten classes and SKIP)
-BATCH = 32            # pictures decoded (on every core) and classified together
 RUN_SECONDS = 1.0     # a run reads batches for about this long; the page is drawn, and the next run goes on
-SAVE_BATCH_BYTES = 64 << 20  # originals read back from the spool for one transaction of a Save
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 PICTURE_WIDTH = 440  # pixels: the one-at-a-time view's picture on the page
-UNKNOWN_FLAG = "maybe none of these classes"
-LOW_CONFIDENCE_FLAG = "low confidence"
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", iter_zip),
     "cifar10_feedback.csv": ("text/csv", iter_csv),
 }
+# Streamlit lets a shortcut with Ctrl through from a text box; in a text box Ctrl+Enter is the box's own (the URL box
+# fetches), so it stops here, after the box had it (React listens at the page's root) and before the shortcuts
+# (listening on the document) do. Installed once per browser page.
+TEXT_BOXES_KEEP_CTRL_ENTER = """<script>
+if (!window.textBoxesKeepCtrlEnter) {
+  window.textBoxesKeepCtrlEnter = true;
+  document.body.addEventListener("keydown", event => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && event.target.closest("textarea, input")) {
+      event.stopPropagation();
+    }
+  });
+}
+</script>"""
 
 
 # ---------------------------------------------------------------- the server
@@ -93,262 +98,47 @@ def tune_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
-@dataclass(frozen=True)
-class Classified:
-    """One picture on the page: what the model said, and its display copies (encoded once, on upload). Memory holds
-    only those; the original, which Save stores byte for byte, waits in the session's spool on disk."""
-
-    source: str
-    content_hash: str
-    extension: str
-    original: tuple[int, int]  # (offset, length) in the session's Spool
-    prediction: Prediction
-    picture: bytes     # the large copy of the one-at-a-time view
-    card: bytes        # shown on its card and in the table
-    thumbnail: bytes   # saved with the record, for History
-
-
-@dataclass(frozen=True)
-class Pending:
-    """An input in the spool, waiting to be decoded and classified."""
-
-    key: str
-    source: str
-    original: tuple[int, int]
-
-
-def decode(spool: Spool, pending: Pending) -> tuple[Image.Image, str, str, bytes, bytes, bytes]:
-    """The picture for the model, its hash and extension, and its three display copies."""
-    image = read_image_input(spool.read(pending.original), pending.source)
-    return (image.image, image.content_hash, image.extension, encode_image(image.image, PICTURE_SIZE),
-            encode_image(image.image, CARD_SIZE), encode_image(image.image, THUMBNAIL_SIZE))
-
-
-def final_label(key: str, item: Classified) -> str:
-    """The class the person chose, the prediction if they left it, or SKIP."""
-    return st.session_state.corrections.get(key, item.prediction.label)
-
-
-def flag(prediction: Prediction, threshold: float) -> str:
-    """Why an image is listed first: the model thinks it is none of the ten, or is not sure which; else ''."""
-    if prediction.is_ood:
-        return UNKNOWN_FLAG
-    return LOW_CONFIDENCE_FLAG if prediction.confidence < threshold else ""
-
-
-def review_order(items: list[tuple[str, Classified]], threshold: float) -> list[tuple[str, Classified]]:
-    """The order every view shows: flagged first (maybe none of the ten, low confidence), else upload order."""
-    return sorted(items, key=lambda pair: not flag(pair[1].prediction, threshold))
-
-
-def remember_card_choice(key: str, widget_key: str) -> None:
-    st.session_state.corrections[key] = st.session_state[widget_key]
-
-
-def remember_table_edits(keys: list[str], widget_key: str) -> None:
-    for row, change in st.session_state[widget_key]["edited_rows"].items():
-        if change.get("label") in LABEL_CHOICES:
-            st.session_state.corrections[keys[row]] = change["label"]
-
-
-def review_position(keys: list[str]) -> int:
-    """Where the one-at-a-time view is: at the picture it showed last (wherever new uploads put it), or len(keys)
-    once every picture has had its key."""
+def classify_page() -> None:
+    """The main page, top to bottom."""
     state = st.session_state
-    if state.review_key in keys:
-        return keys.index(state.review_key)
-    return min(state.review_index, len(keys))
+    state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
+    state.setdefault("upload_round", 0)   # part of the uploader's key: bumped once its files are read
+    state.setdefault("review", Review())  # the pictures, their labels, the queue, the review's place
+    state.setdefault("flash", None)
+    state.setdefault("confirm_clear", False)
+    state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
+    state.setdefault("review_view", "Cards")
+    state.pop("rerun_page", None)  # this run draws the whole page already
 
-
-def go_to(keys: list[str], index: int) -> None:
-    state = st.session_state
-    state.review_index = index
-    state.review_key = keys[index] if index < len(keys) else None
-    if keys:  # Cards and Table open on the page of that picture
-        state.review_page = min(index, len(keys) - 1) // PAGE_SIZE + 1
-
-
-def press(action: str, shown: str | None) -> None:
-    """A key of the one-at-a-time view (or its button), pressed while the picture `shown` was on the screen (None:
-    past the last): give it a class, the prediction (CONFIRM) or SKIP and go to the next one, or go BACK one.
-    Each picture's keys are buttons of their own, bound to it, and a key is taken only if the view is still at
-    its picture: a key pressed before the next picture's keys were drawn is dropped (the picture stays, and the
-    key can be pressed again), never given to a picture nobody has seen yet or to the one before."""
-    state = st.session_state
-    items = review_order(current_items(), state.review_threshold / 100)
-    keys = [key for key, _ in items]
-    index = review_position(keys)
-    if shown != (keys[index] if index < len(keys) else None):
-        return
-    if action == BACK:
-        index = max(0, index - 1)
-    elif shown is not None:
-        item = items[index][1]
-        state.corrections[shown] = item.prediction.label if action == CONFIRM else action
-        index += 1
-    go_to(keys, index)
-
-
-def choose_view(widget_key: str) -> None:
-    state = st.session_state
-    if state[widget_key] is None:  # a click on the chosen view leaves it chosen
-        state[widget_key] = state.review_view
-    state.review_view = state[widget_key]
-
-
-def turn_page(step: int) -> None:
-    st.session_state.review_page += step
-
-
-def current_items() -> list[tuple[str, Classified]]:
-    """The pictures on the page, each once: a picture given again (under another name or URL) is listed by
-    duplicates() instead, so one picture never gets two labels."""
-    # Errors are the strings; no isinstance(Classified): each rerun of this script defines the class anew.
-    items, seen = [], set()
-    for key, result in st.session_state.results.items():
-        if not isinstance(result, str) and result.content_hash not in seen:
-            seen.add(result.content_hash)
-            items.append((key, result))
-    return items
-
-
-def duplicates() -> list[tuple[str, str]]:
-    """(source, source of the same picture earlier on the page) for each picture given more than once."""
-    first: dict[str, str] = {}
-    repeated = []
-    for result in st.session_state.results.values():
-        if isinstance(result, str):
-            continue
-        if result.content_hash in first:
-            repeated.append((result.source, first[result.content_hash]))
-        else:
-            first[result.content_hash] = result.source
-    return repeated
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
-def to_save(items: list[tuple[str, Classified]]) -> list[tuple[str, Classified]]:
-    return [(key, item) for key, item in items if final_label(key, item) != SKIP]
-
-
-def save_batches(items: list[tuple[str, Classified]]) -> list[list[tuple[str, Classified]]]:
-    """Runs of pictures whose originals come to at most SAVE_BATCH_BYTES (one transaction each): a page of a
-    thousand photos is never read back into memory at once. Twenty phone photos are one run."""
-    batches, size = [[]], 0
-    for key, item in items:
-        if batches[-1] and size + item.original[1] > SAVE_BATCH_BYTES:
-            batches.append([])
-            size = 0
-        batches[-1].append((key, item))
-        size += item.original[1]
-    return [batch for batch in batches if batch]
-
-
-def save_all(model_version: str) -> None:
-    """Save every picture not marked skip, its original read back from the spool, in one transaction per
-    SAVE_BATCH_BYTES; one undo takes back all of it."""
-    state = st.session_state
-    state.rerun_page = True  # the sidebar shows what was saved
-    items = current_items()
-    chosen = to_save(items)
-    skipped = len(items) - len(chosen)
-    saved = updated = unchanged = 0
-    created: list = []
-    relabelled: list = []
+    with st.sidebar:
+        saved_feedback_sidebar()
     try:
-        store = open_store()
-        for batch in save_batches(chosen):
-            result = store.save_predictions([
-                NewPrediction(content_hash=item.content_hash, data=state.spool.read(item.original),
-                              extension=item.extension, source=item.source, predicted_label=item.prediction.label,
-                              confidence=item.prediction.confidence, final_label=final_label(key, item),
-                              model_version=model_version, is_ood=item.prediction.is_ood,
-                              ood_score=item.prediction.ood_score, thumbnail=item.thumbnail)
-                for key, item in batch])
-            saved, updated, unchanged = saved + result.saved, updated + result.updated, unchanged + result.unchanged
-            if result.change is not None:
-                created += result.change.created
-                relabelled += result.change.relabelled
-    except StoreError as error:
-        done = saved + updated + unchanged
-        state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
-                                "again once it is back." if not done else
-                                f"Saved {done} of {len(chosen)} images, then: {escape_markdown(str(error))} Every "
-                                "label is kept: press Save again once it is back (what was saved is not saved twice).")
-        remember_save(created, relabelled)
-        return
-    parts = [f"saved {plural(saved, 'image')}"] if saved or not updated else []
-    if updated:
-        parts.append(f"updated the label of {plural(updated, 'image')} saved before")
-    if unchanged:
-        parts.append(f"{unchanged} already saved with that label, not duplicated")
-    if skipped:
-        parts.append(f"{skipped} marked skip, not saved")
-    message = "; ".join(parts)
-    state.flash = ("success", message[0].upper() + message[1:] + ".")
-    remember_save(created, relabelled)
+        classifier = get_classifier()
+    except WeightsError as error:
+        st.error(escape_markdown(str(error)), icon=":material/error:")
+        st.stop()
+    tune_memory()
+    # Percent; the model card's default, chosen on calibrated confidences to catch half of the model's mistakes.
+    state.setdefault("review_threshold", round(classifier.low_confidence * 100))
+    st.title("CIFAR-10 image classifier")
+    accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
+    st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. "
+               f"Model {code_span(classifier.version)}{accuracy_note}.")
+    uploads, urls = input_sources()
+    # Progress and messages each in a place of their own: the review after them keeps its place from run to run, so
+    # the browser replaces it instead of briefly showing an old copy beside the new one.
+    status = st.empty()
+    taken = take_uploads(uploads)
+    take_urls(urls, status)
+    read_queue(classifier, status)
+    with st.container():
+        show_messages()
+    review_section(classifier.version)
+    if taken or state.review.pending:
+        st.rerun()  # the next batch, and an empty uploader
 
 
-def remember_save(created: list, relabelled: list) -> None:
-    """What Undo takes back: the records this Save made or relabelled, in however many transactions."""
-    if created or relabelled:
-        st.session_state.undo = Change(f"save of {plural(len(created) + len(relabelled), 'image')}", tuple(created),
-                                       tuple(relabelled))
-
-
-def undo_last() -> None:
-    state = st.session_state
-    state.rerun_page = True
-    try:
-        state.flash = ("info", escape_markdown(open_store().undo(state.undo)))  # it names files and URLs
-    except StoreError as error:
-        state.flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
-        return
-    state.undo = None
-
-
-def forget_results(keys: list[str]) -> None:
-    """Dropped results are read again on this rerun, as if just added."""
-    for key in keys:
-        st.session_state.results.pop(key, None)
-
-
-def clear_all() -> None:
-    """Empty the page: inputs, pictures (and their spooled originals), labels, the review's place."""
-    state = st.session_state
-    state.rerun_page = True
-    state.nonce += 1
-    state.results = {}
-    state.corrections = {}
-    state.pending = []
-    state.queued = 0
-    state.read_uploads = set()
-    state.review_key, state.review_index, state.review_page = None, 0, 1
-    if state.spool is not None:
-        state.spool.close()
-        state.spool = None
-    state.flash = None
-
-
-def clear_database() -> None:
-    state = st.session_state
-    state.confirm_clear = False
-    refusal = admin_refusal(state.get("clear_password", ""))
-    if refusal:  # a wrong password, or a secrets file that broke while the confirmation was open
-        state.flash = ("error", f"{escape_markdown(refusal)} The database was not cleared.")
-        return
-    try:
-        cleared = open_store().clear()
-    except StoreError as error:
-        state.flash = ("error", f"The database was not cleared: {escape_markdown(str(error))}")
-        return
-    state.undo = None
-    state.flash = ("success", f"Database cleared: {plural(cleared.deleted, 'saved image')} deleted."
-                              + escape_markdown(cleared.removal_note))
-
+# ---------------------------------------------------------------- the main page: the sidebar
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def saved_summary(store_id: str, revision: int, _store: Store) -> tuple[Summary, list[bytes]]:
@@ -408,6 +198,25 @@ def saved_feedback_sidebar() -> None:
         st.button("Cancel", on_click=lambda: state.update(confirm_clear=False))
 
 
+def clear_database() -> None:
+    state = st.session_state
+    state.confirm_clear = False
+    refusal = admin_refusal(state.get("clear_password", ""))
+    if refusal:  # a wrong password, or a secrets file that broke while the confirmation was open
+        state.flash = ("error", f"{escape_markdown(refusal)} The database was not cleared.")
+        return
+    try:
+        cleared = open_store().clear()
+    except StoreError as error:
+        state.flash = ("error", f"The database was not cleared: {escape_markdown(str(error))}")
+        return
+    state.undo = None
+    state.flash = ("success", f"Database cleared: {plural(cleared.deleted, 'saved image')} deleted."
+                              + escape_markdown(cleared.removal_note))
+
+
+# ---------------------------------------------------------------- the main page: the inputs
+
 def input_sources() -> tuple[list, list[str]]:
     """The uploader and the URL box: the uploads not read yet, and the URLs (each once, in order)."""
     state = st.session_state
@@ -415,44 +224,23 @@ def input_sources() -> tuple[list, list[str]]:
         "Upload images", type=[*ALLOWED_EXTENSIONS, *ZIP_EXTENSIONS], accept_multiple_files=True,
         key=f"uploader-{state.nonce}-{state.upload_round}",
         help=f"JPEG, PNG, GIF or WebP, up to {MAX_FILE_BYTES // 2**20} MB each, as many as you like, or ZIPs of them "
-             "(folders are read through). Once read they stay on the page until **Clear all**.")
+             f"up to {MAX_ZIP_BYTES // 2**20:,} MB (folders are read through). Once read they stay on the page until "
+             "**Clear all**.")
     url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
                             placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
+    st.html(TEXT_BOXES_KEEP_CTRL_ENTER, unsafe_allow_javascript=True)
     return uploads or [], [url for url in dict.fromkeys(line.strip() for line in url_text.splitlines()) if url]
 
 
-def session_spool() -> Spool:
-    state = st.session_state
-    if state.spool is None:
-        state.spool = Spool()
-    return state.spool
-
-
-def queue(key: str, source: str, data: bytes) -> None:
-    """Keep an input's bytes in the spool, to be decoded and classified in a batch."""
-    state = st.session_state
-    state.pending.append(Pending(key, source, session_spool().add(data)))
-    state.queued += 1
-
-
 def take_uploads(uploads: list) -> bool:
-    """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue; the ZIP's members that
-    cannot be read are named. Streamlit keeps every upload in the server's memory while its widget lists it: once
-    spooled, each is dropped there, and the uploader starts empty on the next run. Returns whether any were new."""
+    """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue. Streamlit keeps every
+    upload in the server's memory while its widget lists it: once spooled, each is dropped there, and the uploader
+    starts empty on the next run. Returns whether any were new."""
     state = st.session_state
-    new = [upload for upload in uploads if upload.file_id not in state.read_uploads]
+    new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
     for upload in new:
-        state.read_uploads.add(upload.file_id)
-        if is_zip(upload.name):
-            for name, data, error in zip_images(upload.getvalue(), upload.name):
-                key = f"file-{upload.file_id}/{name}"
-                if error is None:
-                    queue(key, name, data)
-                else:
-                    state.results[key] = error
-        else:
-            queue(f"file-{upload.file_id}", upload.name, upload.getvalue())
+        state.review.take_upload(upload.file_id, upload.name, upload)
         if context is not None:
             context.uploaded_file_mgr.remove_file(context.session_id, upload.file_id)
         upload.close()  # its bytes: the widget's value still names the file, which is enough
@@ -462,66 +250,27 @@ def take_uploads(uploads: list) -> bool:
 
 
 def take_urls(urls: list[str], status) -> None:
-    """Fetch the URLs not seen before (at once, each with its deadline) into the queue; a URL taken out of the box
-    leaves the page."""
-    state = st.session_state
-    wanted = {f"url-{url}" for url in urls}
-    state.results = {key: result for key, result in state.results.items()
-                     if not key.startswith("url-") or key in wanted}
-    state.pending = [pending for pending in state.pending
-                     if not pending.key.startswith("url-") or pending.key in wanted]
-    waiting = {pending.key for pending in state.pending}
-    new = [url for url in urls if f"url-{url}" not in state.results and f"url-{url}" not in waiting]
-    if not new:
-        return
-    with status, st.spinner(f"Fetching {plural(len(new), 'URL')}..."), ThreadPoolExecutor(min(16, len(new))) as pool:
-        futures = {pool.submit(fetch_image, url): url for url in new}
-        for future in as_completed(futures):
-            url = futures[future]
-            try:
-                queue(f"url-{url}", url, future.result())
-            except FetchError as error:
-                state.results[f"url-{url}"] = str(error)
+    """Fetch the URLs not seen before into the queue, under a spinner; a URL taken out of the box leaves the page."""
+    review = st.session_state.review
+    new = review.new_urls(urls)
+    with status, st.spinner(f"Fetching {plural(len(new), 'URL')}...") if new else contextlib.nullcontext():
+        review.take_urls(urls)
 
 
 def read_queue(classifier: Classifier, status) -> None:
-    """Decode (on every core) and classify what is queued, BATCH at a time, for about RUN_SECONDS: then the page is
+    """Decode (on every core) and classify what is queued, a batch at a time, for about RUN_SECONDS: then the page is
     drawn, usable, and the next run goes on, so a thousand photos never hold the page for long."""
-    state = st.session_state
-    if not state.pending:
+    review = st.session_state.review
+    if not review.pending:
         return
     started = time.monotonic()
-    progress = status.progress(0.0, text=f"Reading {plural(state.queued, 'image')}...")
-    spool = session_spool()
+    progress = status.progress(0.0, text=f"Reading {plural(review.queued, 'image')}...")
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        while state.pending and time.monotonic() - started < RUN_SECONDS:
-            batch = state.pending[:BATCH]
-            decoded = []
-            for pending, future in zip(batch, [pool.submit(decode, spool, pending) for pending in batch]):
-                try:
-                    decoded.append((pending, future.result()))
-                except InvalidImageError as error:
-                    state.results[pending.key] = str(error)
-            if decoded:
-                predictions = classifier.predict([image for _, (image, *_) in decoded])
-                for (pending, (_, *copies)), prediction in zip(decoded, predictions):
-                    digest, extension, picture, card, thumbnail = copies
-                    state.results[pending.key] = Classified(pending.source, digest, extension, pending.original,
-                                                            prediction, picture, card, thumbnail)
-            state.pending = state.pending[len(batch):]
-            done = state.queued - len(state.pending)
-            progress.progress(done / state.queued, text=f"Read and classified {done:,} of {state.queued:,} images")
-    if not state.pending:
-        state.queued = 0
+        while review.pending and time.monotonic() - started < RUN_SECONDS:
+            done, queued = review.classify_next(classifier.predict, pool)
+            progress.progress(done / queued, text=f"Read and classified {done:,} of {queued:,} images")
+    if not review.pending:
         progress.empty()
-
-
-def keep_input_order(urls: list[str]) -> None:
-    """Uploads first, in the order they were read; then URLs, in the order of the box."""
-    state = st.session_state
-    uploads = {key: result for key, result in state.results.items() if not key.startswith("url-")}
-    state.results = uploads | {f"url-{url}": state.results[f"url-{url}"] for url in urls
-                               if f"url-{url}" in state.results}
 
 
 def show_messages() -> None:
@@ -530,42 +279,26 @@ def show_messages() -> None:
         kind, message = state.flash
         getattr(st, kind)(message)
         state.flash = None
-    for result in state.results.values():
-        if isinstance(result, str):
-            st.error(escape_markdown(result), icon=":material/error:")
-    for source, first in duplicates():
+    for error in state.review.errors():
+        st.error(escape_markdown(error), icon=":material/error:")
+    for source, first in state.review.duplicates():
         st.info(f"{escape_markdown(source)} is the same picture as {escape_markdown(first)}: it is reviewed and "
                 "saved once, under that name.", icon=":material/content_copy:")
-    failed_urls = [key for key, result in state.results.items() if isinstance(result, str) and key.startswith("url-")]
+    failed_urls = state.review.failed_urls()
     if failed_urls:  # a server that was down, slow or wrong a moment ago may answer now
-        st.button(f"Retry {plural(len(failed_urls), 'failed URL')}", on_click=forget_results, args=(failed_urls,))
+        st.button(f"Retry {plural(len(failed_urls), 'failed URL')}", on_click=state.review.forget, args=(failed_urls,))
 
 
-def saved_before(items: list[tuple[str, Classified]]) -> dict:
-    """content hash -> the saved record, for the pictures shown."""
-    try:
-        return open_store().find_saved([item.content_hash for _, item in items])
-    except StoreError:
-        return {}  # the sidebar says what is wrong with the store
-
-
-def badge(prediction: Prediction, threshold: float) -> str:
-    return {UNKNOWN_FLAG: f" :violet-badge[{UNKNOWN_FLAG.capitalize()}]",
-            LOW_CONFIDENCE_FLAG: f" :orange-badge[{LOW_CONFIDENCE_FLAG}]", "": ""}[flag(prediction, threshold)]
-
-
-def already_saved(record) -> str:
-    return f"Already saved {record.created_at[:16].replace('T', ' ')} UTC as **{escape_markdown(record.final_label)}**."
-
+# ---------------------------------------------------------------- the main page: the review
 
 @st.fragment
-def review(model_version: str) -> None:
+def review_section(model_version: str) -> None:
     """The classified images, their labels and the actions on them. A label change or a key reruns only this part;
     Save, Undo and Clear all then rerun the page once (the sidebar and the inputs change too)."""
     state = st.session_state
     if state.pop("rerun_page", False):  # set by a callback of this fragment's own run
         st.rerun(scope="app")
-    items = current_items()
+    items = state.review.items()
     view = state.review_view
     if items:
         st.subheader(f"{plural(len(items), 'image')} classified")
@@ -585,7 +318,7 @@ def review(model_version: str) -> None:
             st.slider("Flag predictions below this confidence", 0, 100, step=5, format="%d%%", key="threshold_widget")
         state.review_threshold = state.threshold_widget
         threshold = state.review_threshold / 100
-        items = review_order(items, threshold)
+        items = state.review.ordered(threshold)
         unknown = sum(flag(item.prediction, threshold) == UNKNOWN_FLAG for _, item in items)
         unsure = sum(flag(item.prediction, threshold) == LOW_CONFIDENCE_FLAG for _, item in items)
         how = ("A digit gives the picture its class, Enter confirms the prediction, X skips it, Backspace goes back "
@@ -602,39 +335,36 @@ def review(model_version: str) -> None:
     actions(model_version, keyboard=bool(items) and view == ONE_AT_A_TIME)
 
 
-def page_of(items: list[tuple[str, Classified]]) -> list[tuple[str, Classified]]:
-    """The PAGE_SIZE pictures of the current page, and the buttons to the others."""
+def choose_view(widget_key: str) -> None:
     state = st.session_state
-    pages = max(1, math.ceil(len(items) / PAGE_SIZE))
-    state.review_page = page = min(max(1, state.review_page), pages)
-    start = (page - 1) * PAGE_SIZE
-    shown = items[start:start + PAGE_SIZE]
+    if state[widget_key] is None:  # a click on the chosen view leaves it chosen
+        state[widget_key] = state.review_view
+    state.review_view = state[widget_key]
+
+
+def page_of(items: list[Item]) -> list[Item]:
+    """The pictures of the current page of Cards and Table, and the buttons to the others."""
+    review = st.session_state.review
+    start, shown = review.page_of(items)
+    pages = page_count(len(items))
     if pages > 1:
         with st.container(horizontal=True, vertical_alignment="center"):
-            st.button("Previous page", on_click=turn_page, args=(-1,), disabled=page == 1)
-            st.caption(f"Images {start + 1}–{start + len(shown)} of {len(items):,} · page {page} of {pages}")
-            st.button("Next page", on_click=turn_page, args=(1,), disabled=page == pages)
+            st.button("Previous page", on_click=turn_page, args=(-1,), disabled=review.page == 1)
+            st.caption(f"Images {start + 1}–{start + len(shown)} of {len(items):,} · page {review.page} of {pages}")
+            st.button("Next page", on_click=turn_page, args=(1,), disabled=review.page == pages)
     return shown
 
 
-def actions(model_version: str, keyboard: bool) -> None:
-    """Save, undo and clear; in the one-at-a-time view Ctrl+Enter saves."""
-    state = st.session_state
-    saving = len(to_save(current_items()))
-    with st.container(horizontal=True):
-        st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving, on_click=save_all,
-                  args=(model_version,), shortcut="Ctrl+Enter" if keyboard else None)
-        if state.undo is not None:
-            st.button("Undo last change", on_click=undo_last,
-                      help=f"Take back the {escape_markdown(state.undo.description)}.")
-        st.button("Clear all", on_click=clear_all, help="Empty the page. Saved images stay in the database.")
+def turn_page(step: int) -> None:
+    st.session_state.review.page += step
 
 
-def review_one(items: list[tuple[str, Classified]], threshold: float) -> None:
+def review_one(items: list[Item], threshold: float) -> None:
     """One picture large, with what the model said and its place; beside it the ten classes and the moves, each
     with its key. The picture is drawn last: by the time it shows, its keys are on the page."""
+    review = st.session_state.review
     keys = [key for key, _ in items]
-    index = review_position(keys)
+    index = review.position(keys)
     done = index == len(items)
     shown, item = items[index] if not done else (None, None)
     picture_column, keys_column = st.columns([3, 2], gap="medium")
@@ -642,11 +372,11 @@ def review_one(items: list[tuple[str, Classified]], threshold: float) -> None:
         current = None
         if not done:
             prediction = item.prediction
-            current = final_label(shown, item)
+            current = review.final_label(shown, item)
             with st.container(key="one-prediction"):
                 st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
                 st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
-            chosen = st.session_state.corrections.get(shown)
+            chosen = review.corrections.get(shown)
             st.markdown(f"Label: **{prediction.label}**, the prediction (`Enter` confirms it)" if chosen is None else
                         f"Label: **{SKIP}**, left out of the save" if chosen == SKIP else
                         f"Label: **{chosen}**, confirmed" if chosen == prediction.label else
@@ -678,7 +408,14 @@ def review_one(items: list[tuple[str, Classified]], threshold: float) -> None:
         st.markdown(keyboard_help())
 
 
-def review_table(items: list[tuple[str, Classified]], threshold: float, seen: dict) -> None:
+def press(action: str, shown: str | None) -> None:
+    """A key of the one-at-a-time view (or its button), bound to the picture `shown` when it was drawn."""
+    state = st.session_state
+    state.review.press(action, shown, state.review_threshold / 100)
+
+
+def review_table(items: list[Item], threshold: float, seen: dict) -> None:
+    review = st.session_state.review
     keys = [key for key, _ in items]
     table_key = f"table-{st.session_state.nonce}-{hash(tuple(keys))}"
     table = pd.DataFrame({
@@ -687,7 +424,7 @@ def review_table(items: list[tuple[str, Classified]], threshold: float, seen: di
         "prediction": [item.prediction.label for _, item in items],
         "confidence": [item.prediction.confidence for _, item in items],
         "flag": [flag(item.prediction, threshold) for _, item in items],
-        "label": [final_label(key, item) for key, item in items],
+        "label": [review.final_label(key, item) for key, item in items],
         "already saved": [seen[item.content_hash].final_label if item.content_hash in seen else ""
                           for _, item in items],
     })
@@ -705,7 +442,14 @@ def review_table(items: list[tuple[str, Classified]], threshold: float, seen: di
     )
 
 
-def review_cards(items: list[tuple[str, Classified]], threshold: float, seen: dict) -> None:
+def remember_table_edits(keys: list[str], widget_key: str) -> None:
+    for row, change in st.session_state[widget_key]["edited_rows"].items():
+        if "label" in change:
+            st.session_state.review.label(keys[row], change["label"])
+
+
+def review_cards(items: list[Item], threshold: float, seen: dict) -> None:
+    review = st.session_state.review
     nonce = st.session_state.nonce
     for row_start in range(0, len(items), COLUMNS):
         for column, (key, item) in zip(st.columns(COLUMNS), items[row_start:row_start + COLUMNS]):
@@ -716,60 +460,102 @@ def review_cards(items: list[tuple[str, Classified]], threshold: float, seen: di
                 st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
                 st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
                 widget_key = f"label-{nonce}-{key}"
-                st.selectbox("Label", LABEL_CHOICES, index=LABEL_CHOICES.index(final_label(key, item)), key=widget_key,
-                             on_change=remember_card_choice, args=(key, widget_key),
+                st.selectbox("Label", LABEL_CHOICES, index=LABEL_CHOICES.index(review.final_label(key, item)),
+                             key=widget_key, on_change=remember_card_choice, args=(key, widget_key),
                              format_func=lambda choice: "skip (don't save)" if choice == SKIP else choice)
                 if item.content_hash in seen:
                     st.caption(already_saved(seen[item.content_hash]))
 
 
-def classify_page() -> None:
-    """The main page, top to bottom."""
-    state = st.session_state
-    state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
-    state.setdefault("upload_round", 0)   # part of the uploader's key: bumped once its files are read
-    state.setdefault("results", {})       # input key -> Classified, or an error message
-    state.setdefault("pending", [])       # Pending inputs, in the spool, not yet classified
-    state.setdefault("queued", 0)         # inputs queued since the queue was last empty (for the progress bar)
-    state.setdefault("read_uploads", set())  # file ids of the uploads already taken
-    state.setdefault("spool", None)       # the session's Spool of originals
-    state.setdefault("corrections", {})   # input key -> the label the person chose
-    state.setdefault("flash", None)
-    state.setdefault("confirm_clear", False)
-    state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
-    state.setdefault("review_view", "Cards")
-    state.setdefault("review_page", 1)    # the page of Cards and Table
-    state.setdefault("review_key", None)  # the picture the one-at-a-time view is at (None: past the last)
-    state.setdefault("review_index", 0)
-    state.pop("rerun_page", None)  # this run draws the whole page already
+def remember_card_choice(key: str, widget_key: str) -> None:
+    st.session_state.review.label(key, st.session_state[widget_key])
 
-    with st.sidebar:
-        saved_feedback_sidebar()
+
+def saved_before(items: list[Item]) -> dict:
+    """content hash -> the saved record, for the pictures shown."""
     try:
-        classifier = get_classifier()
-    except WeightsError as error:
-        st.error(escape_markdown(str(error)), icon=":material/error:")
-        st.stop()
-    tune_memory()
-    # Percent; the model card's default, chosen on calibrated confidences to catch half of the model's mistakes.
-    state.setdefault("review_threshold", round(classifier.low_confidence * 100))
-    st.title("CIFAR-10 image classifier")
-    accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
-    st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. "
-               f"Model {code_span(classifier.version)}{accuracy_note}.")
-    uploads, urls = input_sources()
-    # Progress and messages each in a place of their own: the review after them keeps its place from run to run, so
-    # the browser replaces it instead of briefly showing an old copy beside the new one.
-    status = st.empty()
-    taken = take_uploads(uploads)
-    take_urls(urls, status)
-    read_queue(classifier, status)
-    keep_input_order(urls)
-    with st.container():
-        show_messages()
-    review(classifier.version)
-    if taken or state.pending:
-        st.rerun()  # the next batch, and an empty uploader
+        return open_store().find_saved([item.content_hash for _, item in items])
+    except StoreError:
+        return {}  # the sidebar says what is wrong with the store
+
+
+def badge(prediction: Prediction, threshold: float) -> str:
+    return {UNKNOWN_FLAG: f" :violet-badge[{UNKNOWN_FLAG.capitalize()}]",
+            LOW_CONFIDENCE_FLAG: f" :orange-badge[{LOW_CONFIDENCE_FLAG}]", "": ""}[flag(prediction, threshold)]
+
+
+def already_saved(record) -> str:
+    return f"Already saved {record.created_at[:16].replace('T', ' ')} UTC as **{escape_markdown(record.final_label)}**."
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+# ---------------------------------------------------------------- the main page: the review's actions
+
+def actions(model_version: str, keyboard: bool) -> None:
+    """Save, undo and clear; in the one-at-a-time view Ctrl+Enter saves."""
+    state = st.session_state
+    saving = len(state.review.to_save())
+    with st.container(horizontal=True):
+        st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving, on_click=save_all,
+                  args=(model_version,), shortcut="Ctrl+Enter" if keyboard else None)
+        if state.undo is not None:
+            st.button("Undo last change", on_click=undo_last,
+                      help=f"Take back the {escape_markdown(state.undo.description)}.")
+        st.button("Clear all", on_click=clear_all, help="Empty the page. Saved images stay in the database.")
+
+
+def save_all(model_version: str) -> None:
+    """Save every picture not marked skip in one transaction, its original read back from the spool as it is stored;
+    one undo takes back all of it. Should the store fail, nothing is saved and every label stays."""
+    state = st.session_state
+    state.rerun_page = True  # the sidebar shows what was saved
+    review = state.review
+    predictions = review.predictions(model_version)
+    try:
+        result = open_store().save_predictions(predictions, original=review.original_reader())
+    except StoreError as error:
+        state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
+                                "again once that is fixed.")
+        return
+    state.flash = ("success", saved_message(result, skipped=len(review.items()) - len(predictions)))
+    if result.change is not None:
+        state.undo = result.change
+
+
+def saved_message(result: SaveResult, skipped: int) -> str:
+    parts = [f"saved {plural(result.saved, 'image')}"] if result.saved or not result.updated else []
+    if result.updated:
+        parts.append(f"updated the label of {plural(result.updated, 'image')} saved before")
+    if result.unchanged:
+        parts.append(f"{result.unchanged} already saved with that label, not duplicated")
+    if skipped:
+        parts.append(f"{skipped} marked skip, not saved")
+    message = "; ".join(parts)
+    return message[0].upper() + message[1:] + "."
+
+
+def undo_last() -> None:
+    state = st.session_state
+    state.rerun_page = True
+    try:
+        state.flash = ("info", escape_markdown(open_store().undo(state.undo)))  # it names files and URLs
+    except StoreError as error:
+        state.flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
+        return
+    state.undo = None
+
+
+def clear_all() -> None:
+    """Empty the page: inputs, pictures (and their spooled originals), labels, the review's place."""
+    state = st.session_state
+    state.rerun_page = True
+    state.nonce += 1
+    state.review.close()
+    state.review = Review()
+    state.flash = None
 
 
 # ---------------------------------------------------------------- navigation (each browser session)

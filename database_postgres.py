@@ -90,6 +90,8 @@ class PostgresDatabase:
             if isinstance(error, PoolTimeout):
                 self._probe()  # the pool only says it timed out; a direct attempt says why
             raise self._failure(error) from error
+        except psycopg.Error as error:  # a constraint or trigger refused a row: the server works
+            raise StoreError(f"{self.description} refused the change ({' '.join(str(error).split())}).") from error
 
     def _probe(self) -> None:
         """One direct connection: raises StoreError saying why (refused, wrong password, no such database)."""

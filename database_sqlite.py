@@ -72,9 +72,9 @@ class SQLiteDatabase:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except (sqlite3.OperationalError, sqlite3.DatabaseError) as error:
-            if isinstance(error, sqlite3.IntegrityError):
-                raise
+        except sqlite3.IntegrityError as error:  # a constraint or trigger refused a row: nothing to check here
+            raise StoreError(f"{self.description} refused the change ({' '.join(str(error).split())}).") from error
+        except sqlite3.DatabaseError as error:
             raise StoreError(f"{self.description} failed ({error}). Check that it and its folder are writable, "
                              f"the disk is not full, and {DB_PATH_ENV} points at the right file.") from error
 

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Iterator
+from typing import BinaryIO, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -30,8 +30,10 @@ ALLOWED_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "mpo")  # .mpo: multi
 # Pillow opens it as format "MPO". It is decoded, reduced and stored (.jpg) like any JPEG; the first picture is used.
 JPEG_FORMATS = ("JPEG", "MPO")
 MAX_FILE_BYTES = 20 * 1024 * 1024
-# A ZIP of such images (ImageFolder or flat) is read member by member; the upload limit applies to the ZIP itself.
+# A ZIP of such images (ImageFolder or flat) is read member by member, each member held to MAX_FILE_BYTES; the ZIP
+# itself may be far bigger (a thousand phone photos). Streamlit's upload limit (.streamlit/config.toml) is this one.
 ZIP_EXTENSIONS = ("zip",)
+MAX_ZIP_BYTES = 2048 * 1024 * 1024
 MAX_ZIP_MEMBERS = 10_000
 # What zipfile can inflate, and the names of other methods met in the wild, for the error that refuses them. A
 # member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so is an upload whose members
@@ -253,14 +255,27 @@ def is_zip(name: str) -> bool:
     return name.lower().endswith(tuple(f".{extension}" for extension in ZIP_EXTENSIONS))
 
 
-def zip_images(data: bytes, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+def upload_problem(name: str, size: int) -> str:
+    """Why an uploaded file is refused before it is read, or '': bigger than one image may be, or, for a ZIP, than a
+    ZIP may be. Streamlit applies only the ZIP's limit (one limit for every file)."""
+    if is_zip(name):
+        if size > MAX_ZIP_BYTES:
+            return f"'{name}' is {size / 2**20:,.0f} MB; a ZIP may be at most {MAX_ZIP_BYTES // 2**20:,} MB."
+    elif size > MAX_FILE_BYTES:
+        return (f"'{name}' is {size / 2**20:.1f} MB; one image may be at most {MAX_FILE_BYTES // 2**20} MB (a ZIP of "
+                f"images up to {MAX_ZIP_BYTES // 2**20:,} MB).")
+    return ""
+
+
+def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
     """The files of an uploaded ZIP, one at a time (memory holds one member): (name shown, bytes, None) for each
     member to read as an image, named `archive.zip/folder/file.jpg`; (name shown, None, why) for each member that
     is left out (an unsafe path, encrypted, unreadable, too big); the rest go on. Folders are read through
     (ImageFolder or flat); hidden files (`.DS_Store`, the `._` copies macOS adds under `__MACOSX/`) are archive
     clutter, passed over. Whether a member is an image is for the decoder to say, by content, as for any upload."""
+    size = archive_file.seek(0, io.SEEK_END)
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(archive_file)
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         yield name, None, f"'{name}' is not a readable ZIP archive ({error})."
         return
@@ -274,7 +289,7 @@ def zip_images(data: bytes, name: str) -> Iterator[tuple[str, bytes | None, str 
         for info in members[:MAX_ZIP_MEMBERS]:
             shown = f"{name}/{info.filename}"
             inflated += info.file_size
-            if inflated > MAX_COMPRESSION_RATIO * len(data):
+            if inflated > MAX_COMPRESSION_RATIO * size:
                 yield shown, None, (f"'{name}' inflates to more than {MAX_COMPRESSION_RATIO} times its size: "
                                     f"member {info.filename!r} and the ones after it were left out.")
                 return
@@ -440,7 +455,7 @@ def _download(session, url: str, max_bytes: int, deadline: float, deadline_s: fl
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise FetchError(
                         f"{url!r} is {int(declared) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
-                return _read_body(response, url, max_bytes, deadline)
+                return _read_body(response, url, max_bytes, deadline, deadline_s)
         raise FetchError(f"{url!r} redirects more than {URL_MAX_REDIRECTS} times.")
     except FetchError:
         raise
@@ -458,13 +473,13 @@ def _download(session, url: str, max_bytes: int, deadline: float, deadline_s: fl
         raise FetchError(f"{url!r} could not be downloaded: {_reason(error)}.") from error
 
 
-def _read_body(response, url: str, max_bytes: int, deadline: float) -> bytes:
+def _read_body(response, url: str, max_bytes: int, deadline: float, deadline_s: float) -> bytes:
     """The body, decompressed as it arrives (a small gzip can inflate past the cap), at most max_bytes, and
     no slow drip past the deadline."""
     chunks, received = [], 0
     while chunk := response.raw.read1(64 * 1024, decode_content=True):
-        if time.monotonic() > deadline:
-            raise FetchError(f"{url!r} took too long to download.")
+        if time.monotonic() > deadline:  # the same message as a read that timed out at the deadline
+            raise _past_deadline(url, deadline_s)
         received += len(chunk)
         if received > max_bytes:
             raise FetchError(f"{url!r} sent more than the {max_bytes / 2**20:.0f} MB limit.")

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from datetime import date, datetime, timezone
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import sql
 from classes import CLASSES
@@ -30,6 +30,9 @@ LEFTOVER_GRACE_S = 15 * 60
 # seconds, then twice as long each time, up to the maximum, until it works.
 CLEANUP_RETRY_S = 5.0
 CLEANUP_RETRY_MAX_S = 300.0
+# Originals a save holds in memory at once: it writes the new images in groups of about this many bytes, all inside
+# its one transaction.
+SAVE_GROUP_BYTES = 64 << 20
 
 
 class Store:
@@ -176,29 +179,53 @@ class Store:
 
     # ------------------------------------------------------------ saving
 
-    def save_predictions(self, predictions: Sequence[NewPrediction]) -> SaveResult:
-        """Save a batch in one transaction: new images are stored, saved ones whose label changed are relabelled,
-        the rest left as they are. Images go to the image store before the rows commit."""
+    def save_predictions(self, predictions: Sequence[NewPrediction],
+                         original: Callable[[NewPrediction], bytes] | None = None) -> SaveResult:
+        """Save them in one transaction: new pictures are stored, saved ones whose label changed are relabelled, the
+        rest left as they are. The new images go to the image store before the rows commit, SAVE_GROUP_BYTES of them
+        at a time: `original` gives a new picture's bytes when the prediction does not carry them (the page's
+        originals wait on disk), so a Save of a thousand photos never holds them all in memory. A save that fails
+        commits nothing and takes back the images it wrote (later, should the image store be failing)."""
         latest = {prediction.content_hash: prediction for prediction in predictions}  # the same picture twice: last wins
-        with self.database.transaction(write=True) as cursor:
-            saved = {record.content_hash: record for record in sql.records_by_hash(cursor, list(latest))}
-            new = [prediction for digest, prediction in latest.items() if digest not in saved]
-            self.images.put_many([(image_name(p.content_hash, p.extension), p.data) for p in new])
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            rows = [sql.new_row(prediction, now) for prediction in new]
-            created: list[tuple[int, int]] = [(record_id, 0) for record_id in sql.insert_rows(cursor, rows)]
-            changes = [(saved[digest], prediction.final_label) for digest, prediction in latest.items()
-                       if digest in saved and saved[digest].final_label != prediction.final_label]
-            sql.relabel(cursor, changes)
-            relabelled: list[tuple[int, int, str]] = [(record.id, record.edits + 1, record.final_label)
-                                                      for record, _ in changes]
-            if created or relabelled:
-                sql.bump_revision(cursor)
+        written: list[str] = []
+        try:
+            with self.database.transaction(write=True) as cursor:
+                saved = {record.content_hash: record for record in sql.records_by_hash(cursor, list(latest))}
+                new = [prediction for digest, prediction in latest.items() if digest not in saved]
+                self._put_in_groups(new, original or (lambda prediction: prediction.data), written)
+                now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                created: list[tuple[int, int]] = [
+                    (record_id, 0) for record_id in sql.insert_rows(cursor, [sql.new_row(p, now) for p in new])]
+                changes = [(saved[digest], prediction.final_label) for digest, prediction in latest.items()
+                           if digest in saved and saved[digest].final_label != prediction.final_label]
+                sql.relabel(cursor, changes)
+                relabelled: list[tuple[int, int, str]] = [(record.id, record.edits + 1, record.final_label)
+                                                          for record, _ in changes]
+                if created or relabelled:
+                    sql.bump_revision(cursor)
+        except BaseException:
+            self._remove_or_defer(written)
+            raise
         changed = len(created) + len(relabelled)
         change = Change(f"save of {changed} image{'s' * (changed != 1)}", tuple(created), tuple(relabelled)) \
             if changed else None
         return SaveResult(saved=len(created), updated=len(relabelled),
                           unchanged=len(predictions) - changed, change=change)
+
+    def _put_in_groups(self, new: Sequence[NewPrediction], original: Callable[[NewPrediction], bytes],
+                       written: list[str]) -> None:
+        """Write the images of these new pictures, about SAVE_GROUP_BYTES of originals in memory at a time (at least
+        one picture). Each group is added to `written` before it is written: a put that fails half-way leaves some."""
+        group: list[tuple[str, bytes]] = []
+        size = 0
+        for index, prediction in enumerate(new):
+            data = original(prediction)
+            group.append((image_name(prediction.content_hash, prediction.extension), data))
+            size += len(data)
+            if size >= SAVE_GROUP_BYTES or index == len(new) - 1:
+                written += [name for name, _ in group]
+                self.images.put_many(group)
+                group, size = [], 0
 
     def save_imported(self, items: Sequence[tuple[NewPrediction, str]]) -> int:
         """Save a batch of an imported archive, (prediction with its bytes and thumbnail, created_at) each, in one

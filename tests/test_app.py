@@ -508,13 +508,14 @@ def test_a_batch_of_bad_files_reports_each_and_saves_only_the_good_one(store_env
     assert [source for source, *_ in rows(db_path)] == ["good.png"] and len(list(image_dir.iterdir())) == 1
 
 
-def test_upload_limit_in_config_matches_the_server_check():
+def test_the_upload_limit_in_config_is_the_zip_limit():
+    """Streamlit applies one limit to every file: a ZIP's. The page applies one image's to each file itself."""
     import tomllib
 
     import inputs
 
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
-    assert config["server"]["maxUploadSize"] * 2**20 == inputs.MAX_FILE_BYTES
+    assert config["server"]["maxUploadSize"] * 2**20 == inputs.MAX_ZIP_BYTES > 50 * inputs.MAX_FILE_BYTES
 
 
 def test_a_database_that_is_down_keeps_the_page_working_and_save_retries_once_it_is_back(monkeypatch, s3_server):
@@ -934,30 +935,89 @@ def test_cards_and_table_show_50_pictures_a_page(store_env):
     assert set(table_column(app, "source")) | second == {name for name, _, _ in files}
 
 
-def test_a_save_bigger_than_one_transaction_saves_every_picture_and_one_undo_takes_all_back(store_env):
-    """Originals are read back from disk for Save, 64 MB to a transaction: four 19 MB pictures take two."""
-    import numpy as np
-    from PIL import Image
+def padded_pictures(count: int, padding: int) -> list[tuple[str, bytes, str]]:
+    """`count` tiny PNGs, each carrying `padding` random bytes in a private chunk: originals as big as photos that
+    decode in a millisecond, each with its own hash."""
+    import os
 
-    db_path, image_dir = store_env
-    rng = np.random.default_rng(0)
+    from PIL import Image, PngImagePlugin
+
     files = []
-    for index in range(4):
+    for index in range(count):
+        extra = PngImagePlugin.PngInfo()
+        extra.add(b"prVt", os.urandom(padding))
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (2400, 2700, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=0)
-        files.append((f"big-{index}.png", buffer.getvalue(), "image/png"))
-    assert sum(len(data) for _, data, _ in files) > 64 << 20 > sum(len(data) for _, data, _ in files[:3])
+        Image.new("RGB", (32, 24), (index * 37 % 256, index * 91 % 256, 90)).save(buffer, "PNG", pnginfo=extra)
+        files.append((f"padded-{index:02d}.png", buffer.getvalue(), "image/png"))
+    return files
+
+
+def test_a_save_is_one_transaction_read_from_disk_in_bounded_memory(backend, reader, monkeypatch):
+    """16 originals of 2 MB go to the store 4 MB at a time, in one transaction: when the database refuses the last
+    row, nothing of the Save is committed, no image is left behind and every label stays; the same Save then saves
+    all of them, and one undo takes them all back. Memory holds one group of originals, not the 32 MB."""
+    import tracemalloc
+
+    import store as store_module
+    from test_archive import refuse_to_insert
+
+    monkeypatch.setattr(store_module, "SAVE_GROUP_BYTES", 4 << 20)
+    files = padded_pictures(16, 2 << 20)
+    total = sum(len(data) for _, data, _ in files)
     app = start_app()
     upload(app, files)
-    click(app, "Save 4 images")
-    assert "Saved 4 images" in app.success[0].value
-    with sqlite3.connect(db_path) as connection:
-        saved = dict(connection.execute("SELECT source, image_file FROM predictions"))
-    assert {name: (image_dir / saved[name]).read_bytes() for name, _, _ in files} == {
-        name: data for name, data, _ in files}
+    review_as(app, "Table")
+    order = list(app.data_editor[0].value["source"])
+    edit_table(app, {0: {"label": "skip"}, 1: {"label": "frog"}})
+    lift = refuse_to_insert(backend, order[-1])
+    tracemalloc.start()
+    try:
+        click(app, "Save 15 images")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < total / 2, f"{peak / 2**20:.0f} MB held while saving {total / 2**20:.0f} MB"
+    message = shown(app.error[0].value)
+    assert message.startswith("Nothing was saved:") and "refused the change (refused by a test trigger" in message
+    assert saved_rows(reader) == [] and image_names(reader) == []
+    assert table_column(app, "label")[order[0]] == "skip" and table_column(app, "label")[order[1]] == "frog"
+    assert not [b for b in app.button if b.label == "Undo last change"]
+    lift()
+    click(app, "Save 15 images")
+    assert "Saved 15 images" in app.success[0].value and "1 marked skip" in app.success[0].value
+    saved = {record.source: record for record in reader.list_predictions()}
+    assert sorted(saved) == sorted(order[1:]) and saved[order[1]].final_label == "frog"
+    originals = {name: data for name, data, _ in files}
+    assert all(reader.image_bytes(saved[name]) == originals[name] for name in (order[1], order[-1]))
+    assert len(image_names(reader)) == 15
     click(app, "Undo last change")
-    assert "Undid the save of 4 images: 4 removed" in shown(app.info[0].value)
-    assert rows(db_path) == [] and list(image_dir.iterdir()) == []
+    assert "Undid the save of 15 images: 15 removed" in shown(app.info[0].value)
+    assert saved_rows(reader) == [] and image_names(reader) == []
+
+
+def test_a_zip_may_be_far_bigger_than_one_image_but_each_file_keeps_the_image_limit(store_env, monkeypatch):
+    """A 22 MB ZIP of two 11 MB pictures is read; a single 21 MB picture is refused by name and the rest of the
+    batch goes on; a ZIP over the ZIP limit is refused by name."""
+    import inputs
+
+    members = dict((name, data) for name, data, _ in padded_pictures(2, 11 << 20))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(f"photos/{name}", data)
+    big_zip = buffer.getvalue()
+    [(_, huge, _)] = padded_pictures(1, 21 << 20)
+    assert len(big_zip) > inputs.MAX_FILE_BYTES < len(huge)
+    app = start_app()
+    upload(app, [("big.zip", big_zip, "application/zip"), ("huge.png", huge, "image/png"),
+                 ("red.png", RED, "image/png")])
+    [error] = [shown(error.value) for error in app.error]
+    assert error == "'huge.png' is 21.0 MB; one image may be at most 20 MB (a ZIP of images up to 2,048 MB)."
+    assert "3 images classified" in app.subheader[0].value
+    monkeypatch.setattr(inputs, "MAX_ZIP_BYTES", 16 << 20)
+    upload(app, [("again.zip", big_zip, "application/zip"), ("blue.jpg", BLUE, "image/jpeg")])
+    assert "'again.zip' is 22 MB; a ZIP may be at most 16 MB." in [shown(error.value) for error in app.error]
+    assert "4 images classified" in app.subheader[0].value
 
 
 def test_a_zip_of_many_small_bombs_is_read_only_up_to_100_times_its_size(store_env):

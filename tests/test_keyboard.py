@@ -1,6 +1,7 @@
 """Reviewing by keyboard in a real browser: `streamlit run app.py` in Debian's Chromium, 50 photos uploaded, then
-nothing but keys: digits correct, Enter confirms, X skips, Backspace goes back, Ctrl+Enter saves. Every step waits
-on the page's state (the picture it shows, the run the key started has ended), never for a fixed time."""
+nothing but keys: digits correct, Enter confirms, X skips, Backspace goes back, Ctrl+Enter saves, except in the URL
+box, where it fetches the URLs. Every step waits on the page's state (the picture it shows, the run the key started
+has ended), never for a fixed time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import sqlite3
 import urllib.request
 
-from conftest import image_bytes
+from conftest import Route, image_bytes
 from test_browser import (ARTIFACTS, IDLE, app_run, browser, chromium_installed,  # noqa: F401 (fixtures)
                           new_page, open_app, streamlit_servers)
 
@@ -52,9 +53,19 @@ def uploads_held_by_streamlit(url: str) -> int:
                if "UploadedFileManager" in line and not line.startswith("#"))
 
 
-def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(browser, tmp_path):  # noqa: F811
+def saved_labels(db_path) -> dict[str, str]:
+    with sqlite3.connect(db_path) as connection:
+        return dict(connection.execute("SELECT source, final_label FROM predictions"))
+
+
+def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(  # noqa: F811 (browser)
+        browser, tmp_path, local_server):
     db_path = tmp_path / "keyboard.db"
-    store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")}
+    store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images"),
+             "CIFAR10_ALLOW_PRIVATE_URLS": "loopback"}
+    picture_url = local_server.url("/one-more.png")
+    local_server.routes["/one-more.png"] = Route(body=image_bytes("PNG", size=(24, 18), color=(250, 250, 5)),
+                                                 headers={"Content-Type": "image/png"})
     files = []
     for index in range(50):  # tiny, each its own colour: quick to send, decode and draw
         path = tmp_path / f"photo-{index:02d}.png"
@@ -103,11 +114,25 @@ def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(browse
                 sent = b"".join(received)  # a key redraws the review alone: not the sidebar, not the uploader
                 assert (f"{following} of 50" if following else "pictures reviewed").encode() in sent
                 assert b"Saved feedback" not in sent and b"Upload images" not in sent
+
+        # In the URL box Ctrl+Enter is the box's own: it fetches the URLs, and saves nothing.
+        box = page.locator('[data-testid="stTextArea"] textarea')
+        box.focus()
+        page.keyboard.type(picture_url)
+        with app_run(page):
+            page.keyboard.press("Control+Enter")
+        page.get_by_text("51 images classified").first.wait_for(timeout=30_000)
+        page.wait_for_selector(IDLE, timeout=30_000)
+        assert saved_labels(db_path) == {} and page.get_by_text(re.compile(r"^Saved \d+ image")).count() == 0
+        page.keyboard.press("Control+A")  # and out of the box again: its picture leaves the page
+        page.keyboard.press("Backspace")
+        with app_run(page):
+            box.blur()
+        page.get_by_text("50 images classified").first.wait_for(timeout=30_000)
         with app_run(page):
             page.keyboard.press("Control+Enter")
             page.get_by_text("Saved 49 images").wait_for(timeout=60_000)
         assert "1 marked skip" in page.get_by_text("Saved 49 images").inner_text()
 
-    with sqlite3.connect(db_path) as connection:
-        saved = dict(connection.execute("SELECT source, final_label FROM predictions"))
+    saved = saved_labels(db_path)
     assert saved == expected and len(saved) == 49

@@ -1,0 +1,311 @@
+"""The main page's work, without drawing it: the pictures one browser session brings (their originals waiting in a
+spool on disk, queued, then classified), the labels given to them, the order every view shows them in, where the
+one-at-a-time view is and what each of its keys does, and what a Save hands to the store. app.py draws it; the tests
+drive it directly. No Streamlit here: one `Review` per browser session lives in the session's state."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
+
+from PIL import Image
+
+from classes import CLASSES
+from display import CARD_SIZE, PICTURE_SIZE, THUMBNAIL_SIZE, encode_image
+from inputs import (FetchError, InvalidImageError, Spool, fetch_image, is_zip, read_image_input, upload_problem,
+                    zip_images)
+from records import NewPrediction
+
+if TYPE_CHECKING:  # the model (torch) is the page's to load
+    from classifier import Prediction
+
+PAGE_SIZE = 50  # pictures on one page of Cards or Table
+SKIP = "skip"  # a label choice that means: do not save this image
+LABEL_CHOICES = (*CLASSES, SKIP)
+CONFIRM, BACK = "confirm", "back"  # the one-at-a-time view's other moves (besides the ten classes and SKIP)
+BATCH = 32  # pictures decoded (on every core) and classified together
+URL_THREADS = 16  # URLs fetched at once, each with its own deadline
+UNKNOWN_FLAG = "maybe none of these classes"
+LOW_CONFIDENCE_FLAG = "low confidence"
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One picture on the page: what the model said, and its display copies (encoded once, on upload). Memory holds
+    only those; the original, which Save stores byte for byte, waits in the session's spool on disk."""
+
+    source: str
+    content_hash: str
+    extension: str
+    original: tuple[int, int]  # (offset, length) in the session's Spool
+    prediction: Prediction
+    picture: bytes     # the large copy of the one-at-a-time view
+    card: bytes        # shown on its card and in the table
+    thumbnail: bytes   # saved with the record, for History
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An input in the spool, waiting to be decoded and classified."""
+
+    key: str
+    source: str
+    original: tuple[int, int]
+
+
+Item = tuple[str, Classified]  # (input key, picture): the key tells two uploads of one name apart
+
+
+def flag(prediction: Prediction, threshold: float) -> str:
+    """Why an image is listed first: the model thinks it is none of the ten, or is not sure which; else ''."""
+    if prediction.is_ood:
+        return UNKNOWN_FLAG
+    return LOW_CONFIDENCE_FLAG if prediction.confidence < threshold else ""
+
+
+def review_order(items: Sequence[Item], threshold: float) -> list[Item]:
+    """The order every view shows: flagged first (maybe none of the ten, low confidence), else upload order."""
+    return sorted(items, key=lambda pair: not flag(pair[1].prediction, threshold))
+
+
+def page_count(count: int) -> int:
+    """How many pages of Cards and Table `count` pictures take (one, when there are none)."""
+    return max(1, -(-count // PAGE_SIZE))
+
+
+def decode(spool: Spool, pending: Pending) -> tuple[Image.Image, str, str, bytes, bytes, bytes]:
+    """The picture for the model, its hash and extension, and its three display copies."""
+    image = read_image_input(spool.read(pending.original), pending.source)
+    return (image.image, image.content_hash, image.extension, encode_image(image.image, PICTURE_SIZE),
+            encode_image(image.image, CARD_SIZE), encode_image(image.image, THUMBNAIL_SIZE))
+
+
+class Review:
+    """What one browser session has on the main page, from the inputs to the Save. Inputs are keyed: `file-<upload
+    id>` (and `/<member>` for a ZIP's), `url-<url>`; each key's result is its Classified picture or, when it could
+    not be read, the error that says why."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Classified | str] = {}
+        self.pending: list[Pending] = []   # in the spool, not yet classified
+        self.queued = 0                    # inputs queued since the queue was last empty (for the progress bar)
+        self.taken_uploads: set[str] = set()  # the upload ids already read
+        self.corrections: dict[str, str] = {}  # input key -> the label the person chose (a class or SKIP)
+        self.spool: Spool | None = None
+        self.at_key: str | None = None     # the picture the one-at-a-time view is at (None: past the last)
+        self.at_index = 0                  # its place, which stays when that picture leaves the page
+        self.page = 1                      # the page of Cards and Table
+        self.urls: list[str] = []          # the URL box's, in its order
+
+    def close(self) -> None:
+        """Forget the spooled originals (the temporary file goes)."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+    # ------------------------------------------------------------ inputs
+
+    def queue(self, key: str, source: str, data: bytes) -> None:
+        """Keep an input's bytes in the spool, to be decoded and classified in a batch."""
+        if self.spool is None:
+            self.spool = Spool()
+        self.pending.append(Pending(key, source, self.spool.add(data)))
+        self.queued += 1
+
+    def take_upload(self, upload_id: str, name: str, content: BinaryIO) -> None:
+        """Queue an uploaded file, or each image of an uploaded ZIP, member by member; what cannot be read (a file
+        over its size limit, a ZIP member left out) is named in an error, and the rest go on."""
+        self.taken_uploads.add(upload_id)
+        key = f"file-{upload_id}"
+        problem = upload_problem(name, content.seek(0, io.SEEK_END))
+        content.seek(0)
+        if problem:
+            self.results[key] = problem
+        elif is_zip(name):
+            for member, data, error in zip_images(content, name):
+                if error is None:
+                    self.queue(f"{key}/{member}", member, data)
+                else:
+                    self.results[f"{key}/{member}"] = error
+        else:
+            self.queue(key, name, content.read())
+
+    def take_urls(self, urls: Sequence[str]) -> None:
+        """The URLs in the box, in order: a URL taken out of the box leaves the page; those not seen before are
+        fetched (at once, each with its deadline) into the queue."""
+        self.urls = list(urls)
+        wanted = {f"url-{url}" for url in urls}
+        self.results = {key: result for key, result in self.results.items()
+                        if not key.startswith("url-") or key in wanted}
+        self.pending = [pending for pending in self.pending
+                        if not pending.key.startswith("url-") or pending.key in wanted]
+        for url, fetched in self._fetched(self.new_urls(urls)):
+            if isinstance(fetched, FetchError):
+                self.results[f"url-{url}"] = str(fetched)
+            else:
+                self.queue(f"url-{url}", url, fetched)
+
+    def new_urls(self, urls: Sequence[str]) -> list[str]:
+        """The URLs neither read nor waiting: what take_urls fetches."""
+        waiting = {pending.key for pending in self.pending}
+        return [url for url in urls if f"url-{url}" not in self.results and f"url-{url}" not in waiting]
+
+    @staticmethod
+    def _fetched(urls: list[str]) -> list[tuple[str, bytes | FetchError]]:
+        """(url, its bytes or why not) for each of these URLs, fetched at once."""
+        if not urls:
+            return []
+        with ThreadPoolExecutor(min(URL_THREADS, len(urls))) as pool:
+            futures = {pool.submit(fetch_image, url): url for url in urls}
+            fetched = []
+            for future in as_completed(futures):
+                try:
+                    fetched.append((futures[future], future.result()))
+                except FetchError as error:
+                    fetched.append((futures[future], error))
+        return fetched
+
+    def classify_next(self, predict: Callable[[list[Image.Image]], list[Prediction]],
+                      pool: Executor) -> tuple[int, int]:
+        """Decode (on the pool) and classify the next BATCH queued inputs. Returns (read, queued) for the progress
+        bar; once the queue is empty, the count of queued inputs starts again from zero."""
+        batch = self.pending[:BATCH]
+        decoded = []
+        for pending, future in zip(batch, [pool.submit(decode, self.spool, pending) for pending in batch]):
+            try:
+                decoded.append((pending, future.result()))
+            except InvalidImageError as error:
+                self.results[pending.key] = str(error)
+        if decoded:
+            predictions = predict([image for _, (image, *_) in decoded])
+            for (pending, (_, digest, extension, picture, card, thumbnail)), prediction in zip(decoded, predictions):
+                self.results[pending.key] = Classified(pending.source, digest, extension, pending.original, prediction,
+                                                       picture, card, thumbnail)
+        self.pending = self.pending[len(batch):]
+        done, queued = self.queued - len(self.pending), self.queued
+        if not self.pending:
+            self.queued = 0
+        return done, queued
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop these results: their inputs are read again, as if just given (Retry failed URLs)."""
+        for key in keys:
+            self.results.pop(key, None)
+
+    # ------------------------------------------------------------ what is on the page
+
+    def _in_input_order(self) -> list[tuple[str, Classified | str]]:
+        """Every result: uploads first, in the order they were read; then URLs, in the order of the box."""
+        uploads = [(key, result) for key, result in self.results.items() if not key.startswith("url-")]
+        urls = [f"url-{url}" for url in self.urls]
+        return uploads + [(key, self.results[key]) for key in urls if key in self.results]
+
+    def items(self) -> list[Item]:
+        """The pictures on the page, each once: a picture given again (under another name or URL) is listed by
+        duplicates() instead, so one picture never gets two labels."""
+        items, seen = [], set()
+        for key, result in self._in_input_order():
+            if isinstance(result, Classified) and result.content_hash not in seen:
+                seen.add(result.content_hash)
+                items.append((key, result))
+        return items
+
+    def errors(self) -> list[str]:
+        """Why each input that could not be read was left out."""
+        return [result for _, result in self._in_input_order() if isinstance(result, str)]
+
+    def failed_urls(self) -> list[str]:
+        """The keys of the URLs that could not be read: a server that was down a moment ago may answer now."""
+        return [key for key, result in self._in_input_order() if isinstance(result, str) and key.startswith("url-")]
+
+    def duplicates(self) -> list[tuple[str, str]]:
+        """(source, source of the same picture earlier on the page) for each picture given more than once."""
+        first: dict[str, str] = {}
+        repeated = []
+        for _, result in self._in_input_order():
+            if not isinstance(result, Classified):
+                continue
+            if result.content_hash in first:
+                repeated.append((result.source, first[result.content_hash]))
+            else:
+                first[result.content_hash] = result.source
+        return repeated
+
+    def final_label(self, key: str, item: Classified) -> str:
+        """The class the person chose, the prediction if they left it, or SKIP."""
+        return self.corrections.get(key, item.prediction.label)
+
+    def label(self, key: str, label: str) -> None:
+        """A choice made in Cards or Table: a class, or SKIP."""
+        if label in LABEL_CHOICES:
+            self.corrections[key] = label
+
+    def ordered(self, threshold: float) -> list[Item]:
+        return review_order(self.items(), threshold)
+
+    # ------------------------------------------------------------ pages of Cards and Table
+
+    def page_of(self, items: Sequence[Item]) -> tuple[int, list[Item]]:
+        """The pictures of the current page (kept within the pages there are), and the index of its first."""
+        self.page = min(max(1, self.page), page_count(len(items)))
+        start = (self.page - 1) * PAGE_SIZE
+        return start, list(items[start:start + PAGE_SIZE])
+
+    # ------------------------------------------------------------ one at a time
+
+    def position(self, keys: Sequence[str]) -> int:
+        """Where the one-at-a-time view is: at the picture it showed last (wherever new uploads put it), or
+        len(keys) once every picture has had its key. Its place follows that picture, so should the picture leave
+        the page (its URL taken out of the box), the view shows the one after it."""
+        if self.at_key in keys:
+            self.at_index = keys.index(self.at_key)
+        return min(self.at_index, len(keys))
+
+    def go_to(self, keys: Sequence[str], index: int) -> None:
+        """Put the view at this picture; Cards and Table then open on its page."""
+        self.at_index = index
+        self.at_key = keys[index] if index < len(keys) else None
+        if keys:
+            self.page = min(index, len(keys) - 1) // PAGE_SIZE + 1
+
+    def press(self, action: str, shown: str | None, threshold: float) -> None:
+        """A key of the one-at-a-time view (or its button), pressed while the picture `shown` was on the screen (None:
+        past the last): give it a class, the prediction (CONFIRM) or SKIP and go to the next one, or go BACK one.
+        A key is taken only if the view is still at its picture: a key pressed before the next picture's keys were
+        drawn is dropped (the picture stays, and the key can be pressed again), never given to a picture nobody has
+        seen yet or to the one before."""
+        items = self.ordered(threshold)
+        keys = [key for key, _ in items]
+        index = self.position(keys)
+        if shown != (keys[index] if index < len(keys) else None):
+            return
+        if action == BACK:
+            index = max(0, index - 1)
+        elif shown is not None:
+            self.corrections[shown] = items[index][1].prediction.label if action == CONFIRM else action
+            index += 1
+        self.go_to(keys, index)
+
+    # ------------------------------------------------------------ saving
+
+    def to_save(self) -> list[Item]:
+        """The pictures a Save takes: every one not marked SKIP."""
+        return [(key, item) for key, item in self.items() if self.final_label(key, item) != SKIP]
+
+    def predictions(self, model_version: str) -> list[NewPrediction]:
+        """What a Save hands to the store, without the originals: the store reads each from the spool (through
+        original_reader()) as it writes it, so a Save of a thousand photos never holds them all in memory."""
+        return [NewPrediction(content_hash=item.content_hash, data=b"", extension=item.extension, source=item.source,
+                              predicted_label=item.prediction.label, confidence=item.prediction.confidence,
+                              final_label=self.final_label(key, item), model_version=model_version,
+                              is_ood=item.prediction.is_ood, ood_score=item.prediction.ood_score,
+                              thumbnail=item.thumbnail)
+                for key, item in self.to_save()]
+
+    def original_reader(self) -> Callable[[NewPrediction], bytes]:
+        """Reads the bytes of a picture on the page back from the spool, byte for byte as uploaded or downloaded."""
+        places = {item.content_hash: item.original for _, item in self.items()}
+        spool = self.spool
+        return lambda prediction: spool.read(places[prediction.content_hash])

@@ -1,0 +1,140 @@
+"""review.py without Streamlit: the inputs a page takes (spooled on disk, decoded and classified by the shipped
+model, URLs from a real HTTP server), the order the views show, what each key of the one-at-a-time view does to the
+place and the labels, and what a Save hands to the store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+from classifier import Prediction
+from conftest import Route, image_bytes
+from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review
+
+RED = image_bytes("PNG", size=(40, 30), color=(220, 20, 20))
+BLUE = image_bytes("JPEG", size=(40, 30), color=(20, 40, 220))
+GREEN = image_bytes("PNG", size=(40, 30), color=(20, 200, 40))
+
+
+def add_picture(review: Review, key: str, label: str = "cat", confidence: float = 0.9, is_ood: bool = False) -> None:
+    """A picture as the model would have left it on the page, with the prediction chosen by the test."""
+    data = key.encode()
+    review.results[key] = Classified(key, hashlib.sha256(data).hexdigest(), "png", (0, len(data)),
+                                     Prediction(label, confidence, [(label, confidence)], [], 0.0, is_ood),
+                                     b"", b"", b"")
+
+
+def shown(review: Review, threshold: float = 0.75) -> str | None:
+    """The key of the picture the one-at-a-time view shows (None: past the last)."""
+    keys = [key for key, _ in review.ordered(threshold)]
+    index = review.position(keys)
+    return keys[index] if index < len(keys) else None
+
+
+def read_everything(review: Review, classifier) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        while review.pending:
+            review.classify_next(classifier.predict, pool)
+
+
+def test_each_key_labels_the_picture_on_the_screen_and_moves_in_review_order():
+    review = Review()
+    add_picture(review, "sure", "cat", 0.9)
+    add_picture(review, "unsure", "dog", 0.5)
+    add_picture(review, "unknown", "frog", 0.95, is_ood=True)
+    add_picture(review, "also-sure", "ship", 0.99)
+    assert [key for key, _ in review.ordered(0.75)] == ["unsure", "unknown", "sure", "also-sure"]  # flagged first
+    assert shown(review) == "unsure"
+    review.press("bird", "unsure", 0.75)         # a class, then the next picture
+    assert shown(review) == "unknown" and review.corrections == {"unsure": "bird"}
+    review.press("truck", "unsure", 0.75)        # a key of the picture the view has left: dropped
+    assert shown(review) == "unknown" and review.corrections == {"unsure": "bird"}
+    review.press(CONFIRM, "unknown", 0.75)       # the prediction
+    review.press(SKIP, "sure", 0.75)
+    review.press(BACK, "also-sure", 0.75)        # back, to change it
+    assert shown(review) == "sure"
+    review.press("horse", "sure", 0.75)
+    review.press(CONFIRM, "also-sure", 0.75)
+    assert shown(review) is None                 # past the last: only Back moves
+    review.press("cat", None, 0.75)
+    assert shown(review) is None
+    assert review.corrections == {"unsure": "bird", "unknown": "frog", "sure": "horse", "also-sure": "ship"}
+    for _ in range(6):
+        review.press(BACK, shown(review), 0.75)
+    assert shown(review) == "unsure"             # and no further than the first
+    assert [key for key, _ in review.to_save()] == ["sure", "unsure", "unknown", "also-sure"]
+    review.label("sure", SKIP)                   # a choice made in Cards or Table
+    review.label("also-sure", "not a class")
+    assert [key for key, _ in review.to_save()] == ["unsure", "unknown", "also-sure"]
+
+
+def test_the_view_stays_at_its_picture_whatever_comes_before_it_and_keeps_its_place_when_it_leaves():
+    review = Review()
+    for index in range(3):
+        add_picture(review, f"p{index}")
+    review.press(CONFIRM, "p0", 0.75)
+    assert shown(review) == "p1"
+    add_picture(review, "flagged", confidence=0.1)  # read later, listed first
+    assert shown(review) == "p1" and review.position([key for key, _ in review.ordered(0.75)]) == 2
+    del review.results["p1"]                        # its URL taken out of the box: the place stays
+    assert shown(review) == "p2"
+
+
+def test_moving_in_the_one_at_a_time_view_opens_cards_and_table_on_its_page():
+    review = Review()
+    for index in range(PAGE_SIZE + 7):
+        add_picture(review, f"p{index:03d}")
+    keys = [key for key, _ in review.items()]
+    review.go_to(keys, PAGE_SIZE + 2)
+    start, shown_on_page = review.page_of(review.items())
+    assert review.page == 2 and start == PAGE_SIZE and [key for key, _ in shown_on_page] == keys[PAGE_SIZE:]
+    review.page = 9                                  # out of range: the last page
+    assert len(review.page_of(review.items())[1]) == 7 and review.page == 2
+    review.go_to(keys, len(keys))                    # past the last: the last page
+    assert review.page == 2 and review.at_key is None
+
+
+def test_inputs_are_read_in_order_each_picture_once_and_a_url_leaves_with_its_line(classifier, local_server,
+                                                                                   allow_loopback_urls):
+    local_server.routes["/blue.jpg"] = Route(body=BLUE, headers={"Content-Type": "image/jpeg"})
+    local_server.routes["/red-again.png"] = Route(body=RED, headers={"Content-Type": "image/png"})
+    blue, red_again, missing = (local_server.url(path) for path in ("/blue.jpg", "/red-again.png", "/gone.png"))
+    review = Review()
+    review.take_urls([missing, red_again, blue])
+    review.take_upload("u1", "red.png", io.BytesIO(RED))
+    review.take_upload("u2", "green.png", io.BytesIO(GREEN))
+    review.take_upload("u3", "notes.png", io.BytesIO(b"shopping list"))
+    read_everything(review, classifier)
+    # Uploads first, as read; then URLs, as in the box; the same picture twice is one picture on the page.
+    assert [item.source for _, item in review.items()] == ["red.png", "green.png", blue]
+    assert review.duplicates() == [(red_again, "red.png")]
+    assert [error.split(" ", 1)[0] for error in review.errors()] == ["'notes.png'", f"{missing!r}"]
+    assert review.failed_urls() == [f"url-{missing}"]
+    requests = len(local_server.requests)
+    review.take_urls([missing, red_again, blue])     # the same box again: nothing is fetched again
+    assert len(local_server.requests) == requests
+    review.forget(review.failed_urls())              # Retry: fetched again
+    review.take_urls([missing, red_again, blue])
+    assert len(local_server.requests) == requests + 1
+    review.take_urls([red_again])                    # lines taken out of the box leave the page
+    read_everything(review, classifier)
+    assert [item.source for _, item in review.items()] == ["red.png", "green.png"] and not review.failed_urls()
+
+
+def test_a_save_takes_the_labels_chosen_and_reads_each_original_back_byte_for_byte(classifier):
+    review = Review()
+    for index, (name, data) in enumerate((("red.png", RED), ("blue.jpg", BLUE), ("green.png", GREEN))):
+        review.take_upload(f"u{index}", name, io.BytesIO(data))
+    read_everything(review, classifier)
+    (_, red), (blue_key, _), (green_key, _) = review.items()
+    review.label(blue_key, SKIP)
+    review.label(green_key, "deer")
+    predictions = review.predictions("model@1")
+    assert [(p.source, p.final_label, p.data) for p in predictions] == [
+        ("red.png", red.prediction.label, b""), ("green.png", "deer", b"")]
+    assert all(p.thumbnail and p.model_version == "model@1" for p in predictions)
+    read = review.original_reader()
+    assert [read(p) for p in predictions] == [RED, GREEN]
+    review.close()
+    assert review.spool is None
