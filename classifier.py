@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
@@ -80,16 +79,61 @@ class Novelty:
         return (1.0 - similarity.max(dim=1).values).clamp(min=0.0)  # rounding can push a cosine past 1
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut (a 1x1 convolution where the shape changes): ResNet-18's block."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + shortcut)
+
+
+class ResNet18(nn.Module):
+    """The CIFAR variant of ResNet-18: a 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep detail. The
+    layers carry torchvision's names and initialisation (its weights load as they are), without importing
+    torchvision, which would add a second to every start of the app and the command line."""
+
+    def __init__(self, num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        widths = (64, 128, 256, 512)
+        for index, (in_channels, channels) in enumerate(zip((64, *widths), widths), start=1):
+            stride = 1 if index == 1 else 2
+            setattr(self, f"layer{index}", nn.Sequential(BasicBlock(in_channels, channels, stride),
+                                                         BasicBlock(channels, channels, 1)))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_and_features(self, x)[0]
+
+
 def build_model() -> nn.Module:
-    """The CIFAR variant of ResNet-18: a 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep detail."""
-    model = torchvision.models.resnet18(num_classes=len(CLASSES))
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    return ResNet18()
 
 
 def logits_and_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's ResNet forward, keeping the pooled penultimate features the novelty score compares."""
+    """The ResNet forward, keeping the pooled penultimate features the novelty score compares."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
     features = torch.flatten(model.avgpool(x), 1)

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -258,17 +259,51 @@ class SplitPass:
                          [self.predictions[index] for index in chosen.tolist()])
 
 
+SPLIT_PASS_FOLDER = "CIFAR10_TESTS_SPLIT_PASS"  # where this run's pass writes: set by the main process, read by workers
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config, "workerinput"):
+        # Two workers and the pass share two cores: PyTorch's default of one thread per core in each of them
+        # (and in the servers and commands they start) would make its spinning threads wait on each other.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    else:  # the main process (xdist's controller, or a run without workers)
+        import split_pass
+
+        folder = Path(tempfile.mkdtemp(prefix="cifar10-split-pass-"))
+        os.environ[SPLIT_PASS_FOLDER] = str(folder)
+        config.add_cleanup(lambda: split_pass.stop(folder))
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Start the model's pass over the test split in its own process as soon as a test to run reads it, and run
+    those tests last."""
+    import split_pass
+
+    readers = [item for item in items if "test_split" in getattr(item, "fixturenames", ())]
+    if readers:
+        items[:] = [item for item in items if "test_split" not in getattr(item, "fixturenames", ())] + readers
+        split_pass.start_once(Path(os.environ[SPLIT_PASS_FOLDER]))
+
+
 @pytest.fixture(scope="session")
 def test_split(classifier) -> SplitPass:
-    """The 10,000 test images through the model once per run, shared by the accuracy, calibration and "none of
-    the ten" tests; only the test split is decoded (and cached), never the 50,000 training images."""
-    import cifar10
+    """The 10,000 test images through the shipped model once per run (tests/split_pass.py), shared by the
+    accuracy, calibration and "none of the ten" tests; only the test split is decoded (and cached), never the
+    50,000 training images."""
+    import torch
 
-    if not cifar10.SHARED_ARCHIVE.is_file():
-        cannot_run(f"CIFAR-10 archive not found at {cifar10.SHARED_ARCHIVE}")
-    data = cifar10.load_cifar10(str(cifar10.SHARED_ARCHIVE), splits=("test",))
-    logits, features = classifier.outputs(data["test_x"])
-    return SplitPass(data["test_y"], logits, features, classifier.predictions(logits, features))
+    import split_pass
+
+    try:
+        outputs = torch.load(split_pass.wait_for(Path(os.environ[SPLIT_PASS_FOLDER])))
+    except split_pass.PassFailed as error:
+        if str(error).startswith("FileNotFoundError: CIFAR-10 archive not found"):
+            cannot_run(str(error))
+        pytest.fail(f"the model's pass over the test split failed: {error}")
+    logits, features = outputs["logits"], outputs["features"]
+    return SplitPass(outputs["labels"], logits, features, classifier.predictions(logits, features))
 
 
 ImageFactory = Callable[..., bytes]

@@ -264,8 +264,10 @@ def test_the_same_picture_under_two_names_is_imported_once(backend, tmp_path, li
 
 
 def test_the_command_line_says_which_duplicates_it_skipped(store_env, tmp_path):
+    """With labels.csv, so the command line runs without the model (the test above covers a plain ImageFolder)."""
     twin = picture(1).data
-    path = make_zip(tmp_path / "twins.zip", {"cat/a.png": twin, "dog/b.png": twin})
+    members = {"cat/a.png": twin, "dog/b.png": twin}
+    path = make_zip(tmp_path / "twins.zip", {**members, "labels.csv": manifest_for(members)})
     for saved, unchanged in ((1, 0), (0, 1)):  # the second import changes nothing
         result = run_cli("import", str(path))
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
