@@ -10,6 +10,10 @@ from settings import DATABASE_URL_ENV, passwords_in, split_url
 from sql import Cursor
 
 
+POOL_CHECK_S = 1.0   # how long a request waits for a pooled connection before checking the server is up
+BUSY_WAIT_S = 30.0   # how long it waits in all while the server is up but every connection is in use
+
+
 class PostgresDatabase:
     """A PostgreSQL database through a psycopg 3 connection pool shared by every session of this process."""
 
@@ -28,7 +32,7 @@ class PostgresDatabase:
         self.description = f"the PostgreSQL database at {where}"
         self._down = False
         self._probe()  # at once, in the server's own words, rather than after the pool's timeout
-        self.pool = ConnectionPool(url, min_size=1, max_size=10, timeout=5, open=True, check=ConnectionPool.check_connection,
+        self.pool = ConnectionPool(url, min_size=1, max_size=10, open=True, check=ConnectionPool.check_connection,
                                    kwargs={"connect_timeout": 3, "row_factory": dict_row})
 
     @contextmanager
@@ -36,11 +40,33 @@ class PostgresDatabase:
         """A write first locks the store_meta row: writers queue there, as BEGIN IMMEDIATE makes them on SQLite."""
         if self._down:
             self._probe()  # while it is still down, fail now instead of waiting out the pool's timeout
-        with self._errors(), self.pool.connection() as connection:
+        with self._errors(), self._pooled() as connection:
             cursor = Cursor(connection, self.placeholder)
             if write:
                 cursor.execute("SELECT id FROM store_meta WHERE id = 1 FOR UPDATE")
             yield cursor
+
+    @contextmanager
+    def _pooled(self) -> Iterator:
+        """A connection from the pool, its transaction committed on success. The wait for one is checked every
+        POOL_CHECK_S: a server that went down is said so at once, a busy one is waited for up to BUSY_WAIT_S."""
+        from psycopg_pool import PoolTimeout
+
+        waited = 0.0
+        while True:
+            try:
+                connection = self.pool.getconn(timeout=POOL_CHECK_S)
+                break
+            except PoolTimeout:
+                self._probe()  # raises StoreError, saying why, when the server cannot be reached
+                waited += POOL_CHECK_S
+                if waited >= BUSY_WAIT_S:
+                    raise
+        try:
+            with connection:
+                yield connection
+        finally:
+            self.pool.putconn(connection)
 
     def fingerprint(self, cursor: Cursor) -> str:
         """Which database this is, whatever its content: a dump restored into another database, or into another
@@ -62,7 +88,7 @@ class PostgresDatabase:
             return 0
 
     def migrate(self, run: Callable[[Cursor, int], int]) -> int:
-        with self._errors(), self.pool.connection() as connection:
+        with self._errors(), self._pooled() as connection:
             cursor = Cursor(connection, self.placeholder)
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (self.MIGRATION_LOCK,))
             cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

@@ -275,6 +275,20 @@ def pytest_configure(config) -> None:
         config.add_cleanup(lambda: split_pass.stop(folder))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scan_for_components_once() -> Iterator[None]:
+    """Every AppTest scans all installed packages for Streamlit components (a tenth of a second each time, for the
+    same answer within a run): scan once per run, as a server does once per start."""
+    import functools
+
+    from streamlit.components.v2 import manifest_scanner
+
+    scan = manifest_scanner.scan_component_manifests
+    manifest_scanner.scan_component_manifests = functools.cache(scan)
+    yield
+    manifest_scanner.scan_component_manifests = scan
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Start the model's pass over the test split in its own process as soon as a test to run reads it, and run

@@ -17,6 +17,7 @@ def test_delete_and_clear_with_an_image_folder_that_cannot_be_changed_say_what_h
     """Round 2, 3: the rows went and the page said nothing had; Delete lost its undo. The images go once the
     folder can be changed again, without a restart."""
     monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_MAX_S", 0.4)  # no long backoff while the test waits
     db_path, image_dir = store_env
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])

@@ -635,6 +635,7 @@ def test_removals_that_fail_say_what_committed_keep_the_undo_and_finish_once_the
     """Round 2, 3 (folder): Delete, Undo and Clear committed their rows, then said nothing happened (and Delete
     lost its undo) when the image clean-up failed; the images are removed later, without a restart."""
     monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_MAX_S", 0.4)  # no long backoff while the test waits
     folder = tmp_path / "images"
     use_store(monkeypatch, {"CIFAR10_DB_PATH": str(tmp_path / "f.db"), "CIFAR10_IMAGE_DIR": str(folder)})
     store = Store.from_env()
@@ -663,6 +664,7 @@ def test_an_object_store_down_during_undo_and_clear(request, monkeypatch):
     from servers import SeaweedServer
 
     monkeypatch.setattr(store_module, "CLEANUP_RETRY_S", 0.2)
+    monkeypatch.setattr(store_module, "CLEANUP_RETRY_MAX_S", 0.4)  # no long backoff while the test waits
     s3 = SeaweedServer()
     try:
         postgres = request.getfixturevalue("postgres_server")
