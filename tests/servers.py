@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,14 +143,25 @@ class SeaweedServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed mini exited: {(self.folder / 'log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
+            if self._serves_buckets():
                 return
-            except urllib.error.HTTPError:
-                return  # S3 answers (403 without credentials): it is up
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         raise RuntimeError(f"weed mini did not start: {(self.folder / 'log').read_text()[-3000:]}")
+
+    def _serves_buckets(self) -> bool:
+        """Whether S3 works, not only answers: its gateway listens before its filer can keep buckets, and a bucket
+        made then is refused (404)."""
+        import boto3
+        import botocore.exceptions
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_ACCESS_KEY,
+                              aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
+        try:
+            client.create_bucket(Bucket="started-probe")
+            client.delete_bucket(Bucket="started-probe")
+            return True
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            return False
 
     def stop(self) -> None:
         """Killed, as a crash or a lost machine would end it (a graceful stop takes two seconds): what it had
