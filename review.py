@@ -124,11 +124,12 @@ class Review:
         if problem:
             self.results[key] = problem
         elif is_zip(name):
-            for member, data, error in zip_images(content, name):
+            # Keyed by place in the archive, not by name: a ZIP can hold one name twice.
+            for place, (member, data, error) in enumerate(zip_images(content, name)):
                 if error is None:
-                    self.queue(f"{key}/{member}", member, data)
+                    self.queue(f"{key}/{place}", member, data)
                 else:
-                    self.results[f"{key}/{member}"] = error
+                    self.results[f"{key}/{place}"] = error
         else:
             self.queue(key, name, content.read())
 
@@ -261,7 +262,17 @@ class Review:
         the page (its URL taken out of the box), the view shows the one after it."""
         if self.at_key in keys:
             self.at_index = keys.index(self.at_key)
+        elif self.at_key is None:  # past the last: pictures read since then, or listed before, still wait
+            self.at_index = self._unreviewed_after(keys, -1)
         return min(self.at_index, len(keys))
+
+    def _unreviewed_after(self, keys: Sequence[str], index: int) -> int:
+        """The first picture after `index` that has had no key yet, else the first before it (a batch read during
+        the review can list flagged pictures ahead of the view), else len(keys): all are reviewed."""
+        for candidate in [*range(index + 1, len(keys)), *range(0, min(index + 1, len(keys)))]:
+            if keys[candidate] not in self.corrections:
+                return candidate
+        return len(keys)
 
     def go_to(self, keys: Sequence[str], index: int) -> None:
         """Put the view at this picture; Cards and Table then open on its page."""
@@ -285,7 +296,7 @@ class Review:
             index = max(0, index - 1)
         elif shown is not None:
             self.corrections[shown] = items[index][1].prediction.label if action == CONFIRM else action
-            index += 1
+            index = self._unreviewed_after(keys, index)
         self.go_to(keys, index)
 
     # ------------------------------------------------------------ saving

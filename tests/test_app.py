@@ -9,6 +9,7 @@ import io
 import json
 import re
 import sqlite3
+import warnings
 import zipfile
 from datetime import datetime, timedelta, timezone
 
@@ -1029,3 +1030,16 @@ def test_a_zip_of_many_small_bombs_is_read_only_up_to_100_times_its_size(store_e
     errors = [shown(error.value) for error in app.error]
     assert [error for error in errors if "inflates to more than 100 times its size" in error] and len(errors) < 40
     assert "1 image classified" in app.subheader[0].value  # a.png, read before the limit; z.png after it
+
+
+def test_two_zip_members_of_one_name_are_both_read(store_env):
+    """A ZIP can hold one name twice (an archive appended to): each member is its own picture on the page."""
+    pictures = [data for (_, data, _) in colour_pictures(3)]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        for name, data in (("cat/a.png", pictures[0]), ("cat/a.png", pictures[1]), ("dog/b.png", pictures[2])):
+            archive.writestr(name, data)
+    app = start_app()
+    upload(app, [("twice.zip", buffer.getvalue(), "application/zip")])
+    assert not app.error and "3 images classified" in app.subheader[0].value

@@ -138,3 +138,21 @@ def test_a_save_takes_the_labels_chosen_and_reads_each_original_back_byte_for_by
     assert [read(p) for p in predictions] == [RED, GREEN]
     review.close()
     assert review.spool is None
+
+
+def test_pictures_that_arrive_ahead_of_the_view_are_still_shown_before_all_are_reviewed():
+    """A batch read while a person reviews can put flagged pictures before the one on the screen: the view comes
+    back for them, and says all are reviewed only once each has had its key."""
+    review = Review()
+    for name in ("a", "b", "c"):
+        add_picture(review, name, "cat", 0.9)
+    review.press(CONFIRM, "a", 0.75)
+    assert shown(review) == "b"
+    add_picture(review, "late-unsure", "dog", 0.5)   # listed first, before "b"
+    review.press(CONFIRM, "b", 0.75)
+    review.press(CONFIRM, "c", 0.75)
+    assert shown(review) == "late-unsure"
+    review.press("frog", "late-unsure", 0.75)
+    assert shown(review) is None and set(review.corrections) == {"a", "b", "c", "late-unsure"}
+    add_picture(review, "late-sure", "ship", 0.99)    # after everything was reviewed: the view shows it
+    assert shown(review) == "late-sure"
