@@ -24,10 +24,11 @@ from starlette.routing import Route
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import charts
+import signin
 from classes import CLASSES
 from classifier import Classifier, Prediction, WeightsError, load_classifier
-from db import (SettingsError, Store, StoreError, Summary, admin_refusal, configured_admin_password, iter_csv, iter_zip,
-                open_store)
+from db import (CLEAR, Person, SettingsError, Store, StoreError, Summary, configured_admin_password, iter_csv, iter_zip,
+                open_store, refusal)
 from display import CARD_SIZE, CLASS_KEYS, code_span, data_url, escape_markdown, keyboard_help
 from inputs import ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, MAX_ZIP_BYTES, ZIP_EXTENSIONS
 from records import SaveResult
@@ -62,7 +63,14 @@ if (!window.textBoxesKeepCtrlEnter) {
 # ---------------------------------------------------------------- the server
 
 def export_download(request: Request) -> Response:
-    """A whole-store export streamed as it is made: one image in memory at a time, whatever the store's size."""
+    """A whole-store export streamed as it is made: one image in memory at a time, whatever the store's size. With
+    sign-in on, only for a browser whose identity cookie Streamlit signed (401 otherwise)."""
+    try:
+        if signin.sign_in_required() and not signin.cookie_email(request.cookies):
+            return PlainTextResponse("Sign in first: the downloads are for people signed in to this app.",
+                                     status_code=401)
+    except SettingsError as error:  # the secrets cannot be read: nobody can be told apart
+        return PlainTextResponse(str(error), status_code=503)
     name = request.path_params["name"]
     if name not in EXPORTS:
         return PlainTextResponse(f"No export called {name!r}.", status_code=404)
@@ -101,6 +109,7 @@ def tune_memory() -> None:
 def classify_page() -> None:
     """The main page, top to bottom."""
     state = st.session_state
+    person = signin.current_person()
     state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
     state.setdefault("upload_round", 0)   # part of the uploader's key: bumped once its files are read
     state.setdefault("review", Review())  # the pictures, their labels, the queue, the review's place
@@ -111,7 +120,7 @@ def classify_page() -> None:
     state.pop("rerun_page", None)  # this run draws the whole page already
 
     with st.sidebar:
-        saved_feedback_sidebar()
+        saved_feedback_sidebar(person)
     try:
         classifier = get_classifier()
     except WeightsError as error:
@@ -157,19 +166,34 @@ def insight_charts(store_id: str, revision: int, _summary: Summary) -> list[byte
             charts.to_png(charts.confusion_matrix_figure(_summary.confusion, "Saved feedback: final vs predicted"))]
 
 
-def saved_feedback_sidebar() -> None:
+@st.cache_data(max_entries=64, show_spinner=False)
+def own_summary(store_id: str, revision: int, person: str, _store: Store) -> tuple[int, int]:
+    """(records this person saved, how many the model had right), read again only when the store changes."""
+    return _store.saved_by(person)
+
+
+def saved_feedback_sidebar(person: Person) -> None:
     state = st.session_state
     st.header("Saved feedback")
     try:
         store = open_store()
         revision = store.revision()
         summary, pictures = saved_summary(store.store_id, revision, store)
+        own = own_summary(store.store_id, revision, person.email, store) if person.email else None
     except StoreError as error:
         st.error(escape_markdown(str(error)), icon=":material/database:")
         return
-    st.metric("Saved images", summary.total)
-    st.metric("Model accuracy", f"{summary.correct / summary.total:.1%}" if summary.total else "n/a",
-              help="Share of saved images whose prediction was confirmed rather than corrected.")
+    everyone, yours = st.columns(2) if own is not None else (st.container(), None)
+    with everyone:
+        st.metric("Saved images", summary.total)
+        st.metric("Model accuracy", f"{summary.correct / summary.total:.1%}" if summary.total else "n/a",
+                  help="Share of saved images whose prediction was confirmed rather than corrected.")
+    if yours is not None:
+        with yours:
+            saved, right = own
+            st.metric("Saved by you", saved)
+            st.metric("Model accuracy on yours", f"{right / saved:.1%}" if saved else "n/a",
+                      help="The same, on the images you saved.")
     if pictures:
         st.image(pictures[0], width="stretch")
         st.image(pictures[1], width="stretch")
@@ -181,14 +205,22 @@ def saved_feedback_sidebar() -> None:
         st.info("Nothing saved yet. Classify some images and click **Save** to see charts here.")
 
     st.divider()
-    try:
-        password_needed = configured_admin_password() is not None
-    except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
-        st.error(escape_markdown(str(error)), icon=":material/key:")
-        st.button("Clear database", disabled=True)
-        return
+    if person.sign_in:  # admins by name: no password
+        password_needed = False
+        refused = refusal(person, CLEAR)
+        if refused:
+            st.caption(escape_markdown(refused))
+    else:
+        try:
+            password_needed = configured_admin_password() is not None
+        except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
+            st.error(escape_markdown(str(error)), icon=":material/key:")
+            st.button("Clear database", disabled=True)
+            return
+        refused = None
     if not state.confirm_clear:
-        st.button("Clear database", disabled=not summary.total, on_click=lambda: state.update(confirm_clear=True))
+        st.button("Clear database", disabled=not summary.total or bool(refused),
+                  on_click=lambda: state.update(confirm_clear=True))
     else:
         st.warning(f"Delete all {summary.total} saved images and their records? This cannot be undone and "
                    "affects everyone using this store.")
@@ -201,9 +233,11 @@ def saved_feedback_sidebar() -> None:
 def clear_database() -> None:
     state = st.session_state
     state.confirm_clear = False
-    refusal = admin_refusal(state.get("clear_password", ""))
-    if refusal:  # a wrong password, or a secrets file that broke while the confirmation was open
-        state.flash = ("error", f"{escape_markdown(refusal)} The database was not cleared.")
+    # Asked again here, whatever the page showed: a wrong password, a secrets file that broke while the confirmation
+    # was open, or a click no admin made (a disabled button is only the page's; a crafted message reaches this).
+    refused = refusal(signin.current_person(), CLEAR, state.get("clear_password", ""))
+    if refused:
+        state.flash = ("error", f"{escape_markdown(refused)} The database was not cleared.")
         return
     try:
         cleared = open_store().clear()
@@ -514,8 +548,12 @@ def save_all(model_version: str) -> None:
     state.rerun_page = True  # the sidebar shows what was saved
     review = state.review
     predictions = review.predictions(model_version)
+    person = signin.current_person()
+    if person.sign_in and not person.email:  # signed out in another tab since the page was drawn
+        state.flash = ("error", "Nothing was saved: sign in first. Your labels are kept.")
+        return
     try:
-        result = open_store().save_predictions(predictions, original=review.original_reader())
+        result = open_store().save_predictions(predictions, original=review.original_reader(), by=person.email)
     except StoreError as error:
         state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
                                 "again once that is fixed.")
@@ -562,7 +600,14 @@ def clear_all() -> None:
 
 if __name__ == "__main__":
     st.set_page_config(page_title="CIFAR-10 classifier", page_icon=":frame_with_picture:", layout="wide")
-    st.navigation([
-        st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
-        st.Page("pages/1_History.py", title="History", icon=":material/history:"),
-    ]).run()
+    person = signin.current_person()
+    if person.sign_in and not person.email:
+        # Not signed in (or the secrets cannot be read): one page, whatever the address asked for. st.navigation is
+        # still called, so Streamlit never falls back to listing pages/ by itself.
+        st.navigation([st.Page(signin.sign_in_page, title="Sign in", icon=":material/login:")], position="hidden").run()
+    else:
+        signin.sidebar(person)
+        st.navigation([
+            st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
+            st.Page("pages/1_History.py", title="History", icon=":material/history:"),
+        ]).run()

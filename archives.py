@@ -204,7 +204,9 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> tuple[list
                                                               row.get("source") or name, row["predicted_label"],
                                                               row["confidence"], row["final_label"],
                                                               row.get("model_version") or "unknown", row["is_ood"],
-                                                              row["ood_score"])))
+                                                              row["ood_score"], saved_by=row.get("saved_by") or "",
+                                                              labelled_by=row.get("labelled_by") or "",
+                                                              labelled_at=row.get("labelled_at") or "")))
             return entries, duplicates
         for name, info in members.items():
             item = _read_image(path, archive, info)
@@ -323,14 +325,15 @@ def _manifest_rows(path: str | Path, archive: zipfile.ZipFile, images: dict) -> 
             raise ArchiveError(f"{where}: confidence {row['confidence']!r} is not a number.") from error
         if not 0.0 <= confidence <= 1.0:
             raise ArchiveError(f"{where}: confidence {row['confidence']!r} is not between 0 and 1.")
-        if row.get("created_at"):
-            try:
-                created = datetime.fromisoformat(row["created_at"])
-                created = created if created.tzinfo else created.replace(tzinfo=timezone.utc)
-                row["created_at"] = created.astimezone(timezone.utc).isoformat(timespec="seconds")
-            except (ValueError, OverflowError) as error:  # OverflowError: before year 1 or after 9999 in UTC
-                raise ArchiveError(f"{where}: created_at {row['created_at']!r} is not an ISO date and time in the "
-                                   f"years 1 to 9999 UTC ({error}).") from error
+        for column in ("created_at", "labelled_at"):  # labelled_at: archives exported since sign-in have it
+            if row.get(column):
+                try:
+                    moment = datetime.fromisoformat(row[column])
+                    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+                    row[column] = moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+                except (ValueError, OverflowError) as error:  # OverflowError: before year 1 or after 9999 in UTC
+                    raise ArchiveError(f"{where}: {column} {row[column]!r} is not an ISO date and time in the "
+                                       f"years 1 to 9999 UTC ({error}).") from error
         flag, score = row.get("is_ood") or "0", row.get("ood_score") or ""
         if flag not in ("0", "1"):
             raise ArchiveError(f"{where}: is_ood {flag!r} is not 0 or 1.")

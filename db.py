@@ -8,7 +8,8 @@ content hash, in a folder (CIFAR10_IMAGE_DIR) or, when CIFAR10_IMAGE_STORE=s3://
 S3-compatible object store. This module is the data layer's one interface (what the pages import) and its
 command line; behind it, by job: records.py (what a record is), store.py (the Store), sql.py (every SQL
 statement and the migrations), database_sqlite.py / database_postgres.py and images_folder.py / images_s3.py (one
-module per backend), archives.py (export and import), settings.py (which store, the admin password).
+module per backend), archives.py (export and import), settings.py (which store, the admin password, the admins
+and who may do what).
 
 What keeps rows and images consistent, whatever is killed when and however many servers share the store:
 - every write runs under one store-wide write lock (SQLite: BEGIN IMMEDIATE; PostgreSQL: the store_meta row);
@@ -30,11 +31,13 @@ from typing import Sequence
 from archives import ArchiveError, import_archive, iter_csv, iter_zip
 from records import (Change, ExportTally, NewPrediction, RecordFilter, SavedPrediction, SettingsError, StoreError,
                      Summary)
-from settings import ADMIN_PASSWORD_ENV, admin_password_ok, admin_refusal, configured_admin_password
+from settings import (ADMIN_PASSWORD_ENV, CLEAR, DELETE, Person, admin_password_ok, admin_refusal,
+                      configured_admin_password, configured_admins, refusal)
 from store import Store, open_store
 
-__all__ = ["ArchiveError", "Change", "NewPrediction", "RecordFilter", "SavedPrediction", "SettingsError", "Store", "StoreError",
-           "Summary", "admin_password_ok", "admin_refusal", "configured_admin_password", "iter_csv", "iter_zip", "open_store"]
+__all__ = ["ArchiveError", "CLEAR", "Change", "DELETE", "NewPrediction", "Person", "RecordFilter",
+           "SavedPrediction", "SettingsError", "Store", "StoreError", "Summary", "admin_password_ok", "admin_refusal",
+           "configured_admin_password", "configured_admins", "iter_csv", "iter_zip", "open_store", "refusal"]
 
 
 # ---------------------------------------------------------------- command line

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from datetime import date
 
 COLUMNS = ("id", "content_hash", "image_file", "source", "predicted_label", "confidence", "final_label",
-           "is_correct", "created_at", "model_version", "edits", "is_ood", "ood_score")
+           "is_correct", "created_at", "model_version", "edits", "is_ood", "ood_score", "saved_by", "labelled_by",
+           "labelled_at")
 EXPORT_COLUMNS = ("id", "source", "predicted_label", "confidence", "final_label", "is_correct", "created_at",
-                  "model_version", "content_hash", "edits", "is_ood", "ood_score")
+                  "model_version", "content_hash", "edits", "is_ood", "ood_score", "saved_by", "labelled_by",
+                  "labelled_at")
 
 
 class StoreError(RuntimeError):
@@ -44,6 +46,10 @@ class NewPrediction:
     is_ood: bool = False
     ood_score: float | None = None
     thumbnail: bytes | None = None    # display.THUMBNAIL_SIZE JPEG; History makes one from the image when absent
+    # Who saved it and who gave it its final label, when (an imported record's, from its archive; a Save sets its own).
+    saved_by: str = ""
+    labelled_by: str = ""
+    labelled_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,11 @@ class SavedPrediction:
     edits: int = 0
     is_ood: bool = False
     ood_score: float | None = None
+    # The signed-in person (e-mail) who saved it, and who gave it its final label last and when (ISO, UTC); "" for
+    # records saved before sign-in existed, or without it (labelled_at: before it was kept).
+    saved_by: str = ""
+    labelled_by: str = ""
+    labelled_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,8 @@ class Change:
 
     description: str
     created: tuple[tuple[int, int], ...] = ()                # (id, edits)
-    relabelled: tuple[tuple[int, int, str], ...] = ()        # (id, edits after the change, previous final label)
+    # (id, edits after the change, and as it was before: final label, labelled_by, labelled_at)
+    relabelled: tuple[tuple[int, int, str, str, str], ...] = ()
     deleted: tuple[DeletedPrediction, ...] = ()
     removal_note: str = ""   # why images of deleted records are still in the image store (failing or shared)
 
@@ -109,13 +121,14 @@ class SaveResult:
 
 @dataclass(frozen=True)
 class RecordFilter:
-    """Which records History shows: some final labels, only corrections, a range of days (UTC)."""
+    """Which records History shows: some final labels, only corrections, a range of days (UTC), some people."""
 
     labels: tuple[str, ...] = ()
     corrected_only: bool = False
     flagged_only: bool = False        # only those the model said were maybe none of the ten
     since: date | None = None
     until: date | None = None
+    people: tuple[str, ...] = ()      # only records one of them saved or gave its final label last
 
 
 @dataclass(frozen=True)

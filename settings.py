@@ -1,10 +1,12 @@
-"""The settings that choose the store and guard it: where records and images live, and the admin password.
-Every setting that cannot be used as written is a SettingsError naming it and what is wrong, never a password."""
+"""The settings that choose the store and guard it: where records and images live, the admin password, the admins by
+name when people sign in, and who may do what. Every setting that cannot be used as written is a SettingsError
+naming it and what is wrong, never a password."""
 
 from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
 
@@ -16,6 +18,7 @@ DATABASE_URL_ENV = "CIFAR10_DATABASE_URL"
 IMAGE_DIR_ENV = "CIFAR10_IMAGE_DIR"
 IMAGE_STORE_ENV = "CIFAR10_IMAGE_STORE"
 ADMIN_PASSWORD_ENV = "CIFAR10_ADMIN_PASSWORD"
+ADMINS_ENV = "CIFAR10_ADMINS"
 # Both next to app.py, whatever the working directory: a server started elsewhere finds the same store.
 DEFAULT_DB_PATH = ROOT / "image_classification.db"
 DEFAULT_IMAGE_DIR = ROOT / "temp_images"
@@ -49,6 +52,32 @@ def configured_admin_password() -> str | None:
     password", a wrong one would delete everything."""
     if os.environ.get(ADMIN_PASSWORD_ENV):
         return os.environ[ADMIN_PASSWORD_ENV]
+    return _secrets_setting(ADMIN_PASSWORD_ENV, "the admin password is unknown", "deleting and importing are refused",
+                            lambda value: isinstance(value, str) and bool(value), "a password: it must be a quoted "
+                            f'non-empty text ({ADMIN_PASSWORD_ENV} = "...")', "remove the line for no password")
+
+
+def configured_admins() -> frozenset[str]:
+    """CIFAR10_ADMINS, the e-mail addresses of the admins when sign-in is on: comma-separated, from the environment
+    (empty: unset), else from the top level of a secrets file (a text, or a list of texts); compared without case
+    and surrounding spaces. Read on every check, like the password, and failing closed like it: a secrets file
+    that cannot be read, or sets it under a [section] or to something else, raises SettingsError (taken as "no
+    admins" or "the old admins", a wrong one would let the wrong people delete)."""
+    def valid(value) -> bool:
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(name, str) for name in value))
+
+    value = os.environ.get(ADMINS_ENV) or _secrets_setting(
+        ADMINS_ENV, "the admins are unknown", "clearing the database and deleting records others saved are refused",
+        valid, 'e-mail addresses: it must be a quoted text (CIFAR10_ADMINS = "ana@example.com, '
+        'bo@example.com")', "remove the line for no admins") or ""
+    names = value.split(",") if isinstance(value, str) else value
+    return frozenset(name.strip().lower() for name in names if name.strip())
+
+
+def _secrets_setting(setting: str, unknown: str, refused: str, valid, form: str, remedy: str):
+    """The value of `setting` at the top level of the first secrets file that sets it (secrets_files()), or None.
+    SettingsError, saying that it is `unknown` and so `refused`, when a file cannot be read, sets it under a
+    [section] or to a value that is not `valid` (`form` says what it must be); never quoting a value."""
     import tomllib
 
     found = None
@@ -59,22 +88,17 @@ def configured_admin_password() -> str | None:
             continue
         except (OSError, ValueError) as error:  # unreadable, not UTF-8, not TOML (tomllib quotes at most a key or one character)
             reason = error.strerror if isinstance(error, OSError) else str(error)
-            raise SettingsError(f"The secrets file {secrets} cannot be read ({reason}), so the admin password is "
-                                "unknown: deleting and importing are refused until it is fixed (a text value "
-                                f'needs quotes: {ADMIN_PASSWORD_ENV} = "...").') from error
-        section = _section_setting(settings, ADMIN_PASSWORD_ENV)
+            raise SettingsError(f"The secrets file {secrets} cannot be read ({reason}), so {unknown}: {refused} until "
+                                f'it is fixed (a text value needs quotes: {setting} = "...").') from error
+        section = _section_setting(settings, setting)
         if section:
-            raise SettingsError(f"The secrets file {secrets} sets {ADMIN_PASSWORD_ENV} under [{section}], where it "
-                                "is not read: deleting and importing are refused until it is moved to the top of "
-                                "the file, above every [section].")
-        if ADMIN_PASSWORD_ENV in settings:
-            value = settings[ADMIN_PASSWORD_ENV]
-            if not isinstance(value, str) or not value:
-                raise SettingsError(f"The secrets file {secrets} sets {ADMIN_PASSWORD_ENV} to something other than "
-                                    "a password: it must be a quoted non-empty text "
-                                    f'({ADMIN_PASSWORD_ENV} = "..."). Deleting and importing are refused until it '
-                                    "is fixed (remove the line for no password).")
-            found = found or value
+            raise SettingsError(f"The secrets file {secrets} sets {setting} under [{section}], where it is not read: "
+                                f"{refused} until it is moved to the top of the file, above every [section].")
+        if setting in settings:
+            if not valid(settings[setting]):
+                raise SettingsError(f"The secrets file {secrets} sets {setting} to something other than {form}. "
+                                    f"{refused[0].upper() + refused[1:]} until it is fixed ({remedy}).")
+            found = settings[setting] if found is None else found
     return found
 
 
@@ -138,6 +162,43 @@ def admin_password_ok(given: str) -> bool:
     if not configured:
         return True
     return hmac.compare_digest(given.encode(), configured.encode())
+
+
+@dataclass(frozen=True)
+class Person:
+    """Who acts. With sign-in on (an [auth] section in the secrets): the signed-in person's e-mail, lowercased, or ""
+    while nobody usable is signed in. With it off: nobody by name, and the admin password guards instead."""
+
+    sign_in: bool = False
+    email: str = ""
+
+
+# What only some may do (words that finish "Only an admin may ..."); DELETE is of records saved by others.
+CLEAR = "clear the database"
+DELETE = "delete records saved by others"
+
+
+def refusal(person: Person, action: str, password: str = "", owner: str | None = None) -> str | None:
+    """Why `person` may not do `action` (CLEAR, or DELETE of a record `owner` saved; owner None: of any record not
+    theirs); None: allowed. Without sign-in, the admin password decides (admin_refusal). With it, anyone
+    signed in deletes what they saved themselves, and the rest is for the admins named in CIFAR10_ADMINS, refused
+    while they cannot be known (a broken secrets file)."""
+    if not person.sign_in:
+        return admin_refusal(password)
+    if not person.email:
+        return "Sign in first."
+    if action == DELETE and owner is not None and owner == person.email:
+        return None
+    try:
+        admins = configured_admins()
+    except SettingsError as error:
+        return str(error)
+    if person.email in admins:
+        return None
+    if action == DELETE and owner is not None:
+        whose = f"by {owner}" if owner else "before people signed in"
+        return f"Only an admin may {action}: this one was saved {whose}, and you are {person.email}."
+    return f"Only an admin may {action}; admins are named in {ADMINS_ENV}, and you are {person.email}."
 
 
 def passwords_in(parts: SplitResult) -> set[str]:

@@ -62,6 +62,17 @@ MIGRATIONS = (
     CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at, id);
     CREATE INDEX IF NOT EXISTS predictions_labels ON predictions (final_label, predicted_label, is_correct);
     """,
+    # Who did what, once people sign in: who saved each record (e-mail), who gave it its final label last, and when.
+    # Empty for the records saved before; without sign-in the names stay empty and labelled_at is kept. created_at
+    # is when a record was saved. The indexes serve a person's own count and accuracy (the sidebar) and History's
+    # filter by person.
+    """
+    ALTER TABLE predictions ADD COLUMN saved_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE predictions ADD COLUMN labelled_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE predictions ADD COLUMN labelled_at TEXT NOT NULL DEFAULT '';
+    CREATE INDEX predictions_saved_by ON predictions (saved_by, is_correct);
+    CREATE INDEX predictions_labelled_by ON predictions (labelled_by);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -183,6 +194,20 @@ def label_pairs(cursor: Cursor) -> list[tuple[str, str, int]]:
         "SELECT final_label, predicted_label, COUNT(*) AS n FROM predictions GROUP BY final_label, predicted_label")]
 
 
+def saved_by(cursor: Cursor, person: str) -> tuple[int, int]:
+    """(records this person saved, how many of them the model had right): the sidebar's own figures."""
+    row = cursor.one("SELECT COUNT(*) AS n, COALESCE(SUM(is_correct), 0) AS correct FROM predictions "
+                     "WHERE saved_by = ?", (person,))
+    return row["n"], row["correct"]
+
+
+def people(cursor: Cursor) -> list[str]:
+    """Everyone who saved or labelled a record, in order (each from its index)."""
+    return sorted({row["person"] for row in cursor.rows(
+        "SELECT DISTINCT saved_by AS person FROM predictions WHERE saved_by <> '' UNION "
+        "SELECT DISTINCT labelled_by AS person FROM predictions WHERE labelled_by <> ''")})
+
+
 def count(cursor: Cursor, record_filter: RecordFilter) -> int:
     where, parameters = where_clause(record_filter)
     return cursor.one(f"SELECT COUNT(*) AS n FROM predictions{where}", parameters)["n"]
@@ -227,12 +252,17 @@ def where_clause(record_filter: RecordFilter) -> tuple[str, list]:
     if record_filter.until is not None and record_filter.until < date.max:  # no day after the last one
         clauses.append("created_at < ?")
         parameters.append((record_filter.until + timedelta(days=1)).isoformat())
+    if record_filter.people:
+        listed = placeholders(len(record_filter.people))
+        clauses.append(f"(saved_by IN ({listed}) OR labelled_by IN ({listed}))")
+        parameters += [*record_filter.people, *record_filter.people]
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
 
 
 # ---------------------------------------------------------------- writing records
 
 def new_row(prediction: NewPrediction, created_at: str) -> dict:
+    """The row of a new record; who saved and labelled it, and when it was labelled, are the prediction's."""
     return {
         "content_hash": prediction.content_hash,
         "image_file": image_name(prediction.content_hash, prediction.extension),
@@ -242,7 +272,8 @@ def new_row(prediction: NewPrediction, created_at: str) -> dict:
         "is_correct": int(prediction.final_label == prediction.predicted_label), "created_at": created_at,
         "model_version": prediction.model_version, "edits": 0, "is_ood": int(prediction.is_ood),
         "ood_score": None if prediction.ood_score is None else float(prediction.ood_score),
-        "thumbnail": prediction.thumbnail,
+        "thumbnail": prediction.thumbnail, "saved_by": prediction.saved_by.replace("\x00", "\ufffd"),
+        "labelled_by": prediction.labelled_by.replace("\x00", "\ufffd"), "labelled_at": prediction.labelled_at,
     }
 
 
@@ -265,10 +296,13 @@ def insert_rows(cursor: Cursor, rows: Sequence[dict]) -> list[int]:
     return [row["id"] for row in rows]
 
 
-def relabel(cursor: Cursor, changes: Sequence[tuple[SavedPrediction, str]]) -> None:
-    """Give records new final labels, in one batch (one round trip on PostgreSQL's pipeline)."""
-    cursor.execute_many("UPDATE predictions SET final_label = ?, is_correct = ?, edits = edits + 1 WHERE id = ?",
-                        [(label, int(label == record.predicted_label), record.id) for record, label in changes])
+def relabel(cursor: Cursor, changes: Sequence[tuple[SavedPrediction, str, str, str]]) -> None:
+    """Give records new final labels, each with who gave it and when (record, label, by, at), in one batch (one
+    round trip on PostgreSQL's pipeline)."""
+    cursor.execute_many("UPDATE predictions SET final_label = ?, is_correct = ?, labelled_by = ?, labelled_at = ?, "
+                        "edits = edits + 1 WHERE id = ?",
+                        [(label, int(label == record.predicted_label), by.replace("\x00", "\ufffd"), at, record.id)
+                         for record, label, by, at in changes])
 
 
 def delete_ids(cursor: Cursor, ids: Sequence[int]) -> None:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import date, datetime, timezone
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -131,6 +132,16 @@ class Store:
                 matrix[CLASSES.index(final)][CLASSES.index(predicted)] = count
         return Summary(counts, correct, incorrect, matrix)
 
+    def saved_by(self, person: str) -> tuple[int, int]:
+        """(how many records this person saved, how many of them the model had right), from one indexed query."""
+        with self.database.transaction(write=False) as cursor:
+            return sql.saved_by(cursor, person)
+
+    def people(self) -> list[str]:
+        """Everyone who saved or labelled a record (History's filter by person)."""
+        with self.database.transaction(write=False) as cursor:
+            return sql.people(cursor)
+
     def count(self, record_filter: RecordFilter = RecordFilter()) -> int:
         with self.database.transaction(write=False) as cursor:
             return sql.count(cursor, record_filter)
@@ -180,10 +191,11 @@ class Store:
     # ------------------------------------------------------------ saving
 
     def save_predictions(self, predictions: Sequence[NewPrediction],
-                         original: Callable[[NewPrediction], bytes] | None = None) -> SaveResult:
+                         original: Callable[[NewPrediction], bytes] | None = None, by: str = "") -> SaveResult:
         """Save them in one transaction: new pictures are stored, saved ones whose label changed are relabelled, the
-        rest left as they are. The new images go to the image store before the rows commit, SAVE_GROUP_BYTES of them
-        at a time: `original` gives a new picture's bytes when the prediction does not carry them (the page's
+        rest left as they are; `by` (the signed-in person's e-mail, or "") is who saved the new ones and who gave
+        every label it sets, now. The new images go to the image store before the rows commit, SAVE_GROUP_BYTES of
+        them at a time: `original` gives a new picture's bytes when the prediction does not carry them (the page's
         originals wait on disk), so a Save of a thousand photos never holds them all in memory. A save that fails
         commits nothing and takes back the images it wrote (later, should the image store be failing)."""
         latest = {prediction.content_hash: prediction for prediction in predictions}  # the same picture twice: last wins
@@ -194,13 +206,14 @@ class Store:
                 new = [prediction for digest, prediction in latest.items() if digest not in saved]
                 self._put_in_groups(new, original or (lambda prediction: prediction.data), written)
                 now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                created: list[tuple[int, int]] = [
-                    (record_id, 0) for record_id in sql.insert_rows(cursor, [sql.new_row(p, now) for p in new])]
-                changes = [(saved[digest], prediction.final_label) for digest, prediction in latest.items()
+                created: list[tuple[int, int]] = [(record_id, 0) for record_id in sql.insert_rows(cursor, [
+                    sql.new_row(replace(p, saved_by=by, labelled_by=by, labelled_at=now), now) for p in new])]
+                changes = [(saved[digest], prediction.final_label, by, now) for digest, prediction in latest.items()
                            if digest in saved and saved[digest].final_label != prediction.final_label]
                 sql.relabel(cursor, changes)
-                relabelled: list[tuple[int, int, str]] = [(record.id, record.edits + 1, record.final_label)
-                                                          for record, _ in changes]
+                relabelled: list[tuple[int, int, str, str, str]] = [
+                    (record.id, record.edits + 1, record.final_label, record.labelled_by, record.labelled_at)
+                    for record, *_ in changes]
                 if created or relabelled:
                     sql.bump_revision(cursor)
         except BaseException:
@@ -250,11 +263,12 @@ class Store:
 
     # ------------------------------------------------------------ deleting and undoing
 
-    def delete_predictions(self, prediction_ids: Sequence[int]) -> Change | None:
-        """Delete a few records (History's Delete); their images go once the deletion has committed. The change
-        returned holds their bytes, so the deletion can be undone."""
+    def delete_predictions(self, prediction_ids: Sequence[int], saved_by: str | None = None) -> Change | None:
+        """Delete a few records (History's Delete), only those `saved_by` this person when given; their images go
+        once the deletion has committed. The change returned holds their bytes, so the deletion can be undone."""
         with self.database.transaction(write=True) as cursor:
-            records = sql.records_by_ids(cursor, prediction_ids)
+            records = [record for record in sql.records_by_ids(cursor, prediction_ids)
+                       if saved_by is None or record.saved_by == saved_by]
             thumbnails = sql.thumbnails_by_id(cursor, [record.id for record in records])
             deleted = tuple(DeletedPrediction(record, self.image_or_nothing(record), thumbnails.get(record.id))
                             for record in records)
@@ -279,14 +293,14 @@ class Store:
                     changed_since += 1
                 else:
                     gone += 1
-            for record_id, edits, previous in change.relabelled:
+            for record_id, edits, previous, previous_by, previous_at in change.relabelled:
                 now = sql.records_by_ids(cursor, [record_id])
                 if not now:
                     gone += 1
                 elif now[0].edits != edits:
                     changed_since += 1
                 else:
-                    sql.relabel(cursor, [(now[0], previous)])
+                    sql.relabel(cursor, [(now[0], previous, previous_by, previous_at)])
                     relabelled += 1
             back = [item for item in change.deleted if item.data and not sql.records_by_hash(cursor, [item.record.content_hash])]
             self.images.put_many([(item.record.image_file, item.data) for item in back])

@@ -1,4 +1,4 @@
-"""History: page through, filter, delete and export everything saved."""
+"""History: page through, filter, delete and export everything saved, and who saved and labelled it."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ from datetime import datetime, timezone
 
 import streamlit as st
 
+import signin
 from classes import CLASSES
-from db import (RecordFilter, SavedPrediction, SettingsError, Store, StoreError, admin_refusal,
-                configured_admin_password, open_store)
+from db import (DELETE, RecordFilter, SavedPrediction, SettingsError, Store, StoreError, configured_admin_password,
+                open_store, refusal)
 from display import THUMBNAIL_SIZE, code_span, escape_markdown, thumbnail
 from inputs import InvalidImageError
 
 PAGE_SIZE = 50
 
+# Run through app.py's navigation, which has checked already; asked again so that this page never shows anything to a
+# browser that is not signed in, however it is reached.
+if signin.signed_in_or_sign_in_page() is None:
+    st.stop()
 state = st.session_state
 state.setdefault("undo", None)
 state.setdefault("history_flash", None)
@@ -39,13 +44,24 @@ def saved_thumbnail(store: Store, record: SavedPrediction) -> bytes | None:
         return None
 
 
-def delete_record(store: Store, record_id: int) -> None:
-    refusal = admin_refusal(state.get("history_password", ""))
-    if refusal:  # a wrong password, or a secrets file that broke after the page was shown
-        state.history_flash = ("error", f"{escape_markdown(refusal)} Nothing was deleted.")
+@st.cache_data(max_entries=8, show_spinner=False)
+def people(store_id: str, revision: int, _store: Store) -> list[str]:
+    """Everyone who saved or labelled a record, read again only when the store changes."""
+    return _store.people()
+
+
+def delete_record(store: Store, record_id: int, owner: str) -> None:
+    """Delete one record: without sign-in, with the admin password when one is set; with it, one's own, or any as an
+    admin. Asked again here whatever the page showed (a wrong password, a secrets file that broke since, a click on a
+    button the page had disabled); the store deletes only the owner's record unless an admin asks."""
+    person = signin.current_person()
+    refused = refusal(person, DELETE, state.get("history_password", ""), owner)
+    if refused:
+        state.history_flash = ("error", f"{escape_markdown(refused)} Nothing was deleted.")
         return
+    only_own = person.sign_in and refusal(person, DELETE) is not None
     try:
-        change = store.delete_predictions([record_id])
+        change = store.delete_predictions([record_id], saved_by=person.email if only_own else None)
     except StoreError as error:
         state.history_flash = ("error", f"Nothing was deleted: {escape_markdown(str(error))}")
         return
@@ -70,6 +86,19 @@ def turn_page(step: int) -> None:
     state.history_page += step
 
 
+def when(moment: str) -> str:
+    return moment.replace("T", " ")[:16]
+
+
+def attribution(record: SavedPrediction) -> str:
+    """Who saved the record, and who gave its label last and when, if someone else or later; nothing for records
+    saved before people signed in."""
+    saved = f" · saved by {escape_markdown(record.saved_by)}" if record.saved_by else ""
+    relabelled = record.labelled_by and (record.labelled_by != record.saved_by or record.edits)
+    return saved + (f" · label by {escape_markdown(record.labelled_by)}, {when(record.labelled_at)} UTC"
+                    if relabelled else "")
+
+
 st.title("History")
 try:
     store = open_store()
@@ -90,6 +119,9 @@ if first_and_last is None:
 labels_column, toggles_column, dates_column = st.columns([3, 2, 2])
 with labels_column:
     labels = st.multiselect("Final label", CLASSES, placeholder="All labels")
+    everyone = people(store.store_id, store.revision(), store)
+    chosen_people = st.multiselect("Saved or labelled by", everyone, placeholder="Everyone",
+                                   help="Records these people saved, or gave their label last.") if everyone else []
 with toggles_column:
     corrected_only = st.toggle("Corrected only", help="Only images whose prediction was corrected.")
     flagged_only = st.toggle("Maybe none of the ten only",
@@ -99,7 +131,7 @@ with dates_column:
     today = max(datetime.now(timezone.utc).date(), first_and_last[1])
     days = st.date_input("Saved between (UTC)", (first_day, today), min_value=first_day, max_value=today)
 since, until = (days[0], days[-1]) if days else (None, None)
-record_filter = RecordFilter(tuple(labels), corrected_only, flagged_only, since, until)
+record_filter = RecordFilter(tuple(labels), corrected_only, flagged_only, since, until, tuple(chosen_people))
 if state.get("history_filter") != record_filter:  # a new filter starts at its first page
     state.history_filter, state.history_page = record_filter, 1
 
@@ -108,13 +140,20 @@ with st.container(horizontal=True):
     st.link_button("Download records (CSV)", "/export/cifar10_feedback.csv", icon=":material/download:")
     st.link_button("Download images (ZIP)", "/export/cifar10_feedback.zip", icon=":material/download:",
                    help="ImageFolder layout by final label (airplane/..., automobile/...) with a labels.csv manifest.")
+person = signin.current_person()
 delete_refused = False
-try:
-    if configured_admin_password():
-        st.text_input("Admin password", type="password", key="history_password", help="Needed to delete records.")
-except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
-    delete_refused = True
-    st.error(escape_markdown(str(error)), icon=":material/key:")
+others_refused = None  # with sign-in: why this person may not delete what others saved (None: an admin)
+if person.sign_in:
+    others_refused = refusal(person, DELETE)
+    if others_refused:
+        st.caption(f"You can delete the records you saved. {escape_markdown(others_refused)}")
+else:
+    try:
+        if configured_admin_password():
+            st.text_input("Admin password", type="password", key="history_password", help="Needed to delete records.")
+    except SettingsError as error:  # the password is unknown: nothing is deleted until the setting is fixed
+        delete_refused = True
+        st.error(escape_markdown(str(error)), icon=":material/key:")
 
 matching, total = store.count(record_filter), store.count()
 pages = max(1, math.ceil(matching / PAGE_SIZE))
@@ -139,8 +178,10 @@ for record in records:
         unknown = " · :violet-badge[maybe none of these classes]" if record.is_ood else ""
         st.markdown(f"**{escape_markdown(record.final_label)}** · {verdict} · {record.confidence:.1%} confidence"
                     f"{unknown}")
-        st.caption(f"{escape_markdown(record.source)} · {record.created_at.replace('T', ' ')[:16]} UTC · "
-                   f"model {code_span(record.model_version)}")
+        st.caption(f"{escape_markdown(record.source)} · {when(record.created_at)} UTC · "
+                   f"model {code_span(record.model_version)}{attribution(record)}")
     with action_column:
-        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(store, record.id),
-                  disabled=delete_refused)
+        others = person.sign_in and record.saved_by != person.email
+        st.button("Delete", key=f"delete-{record.id}", on_click=delete_record, args=(store, record.id, record.saved_by),
+                  disabled=delete_refused or bool(others and others_refused),
+                  help="Only an admin can delete a record someone else saved." if others and others_refused else None)

@@ -66,8 +66,8 @@ def without_code_spans(markdown: str) -> str:
 
 
 STORE_VARIABLES = ("CIFAR10_DB_PATH", "CIFAR10_IMAGE_DIR", "CIFAR10_DATABASE_URL", "CIFAR10_IMAGE_STORE",
-                   "CIFAR10_ADMIN_PASSWORD", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                   "AWS_DEFAULT_REGION")
+                   "CIFAR10_ADMIN_PASSWORD", "CIFAR10_ADMINS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 def cannot_run(reason: str) -> None:

@@ -50,7 +50,8 @@ def run_cli(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.
 
 # Every column of a record, as a person restoring a backup or reading the CSV expects them.
 EXPECTED_COLUMNS = ["id", "source", "predicted_label", "confidence", "final_label", "is_correct", "created_at",
-                    "model_version", "content_hash", "edits", "is_ood", "ood_score"]
+                    "model_version", "content_hash", "edits", "is_ood", "ood_score", "saved_by", "labelled_by",
+                    "labelled_at"]
 
 
 def test_export_is_an_imagefolder_zip_with_every_column(backend, tmp_path):
@@ -431,8 +432,9 @@ def test_a_huge_labels_csv_row_is_refused_by_line_in_little_memory(store_env, tm
 # ---------------------------------------------------------------- every column across a round trip; hashes
 
 def test_export_then_import_keeps_every_column(backend, request, tmp_path, monkeypatch):
-    """Each exported column comes back, the "none of the ten" flag and score included; only the id (the target
-    store's own) and the edit count (how often this store relabelled it, for its undo) start afresh."""
+    """Each exported column comes back, the "none of the ten" flag and score and who saved and labelled it
+    included; only the id (the target store's own) and the edit count (how often this store relabelled it, for its
+    undo) start afresh."""
     from conftest import make_backend
 
     source = backend.store()
@@ -440,12 +442,15 @@ def test_export_then_import_keeps_every_column(backend, request, tmp_path, monke
     batch[1] = replace(batch[1], is_ood=True, ood_score=0.8125)
     batch[2] = replace(batch[2], ood_score=0.03125)
     batch[4] = replace(batch[4], is_ood=True, ood_score=None)  # older records have no score
-    source.save_predictions(batch)
-    source.save_predictions([replace(batch[3], final_label="frog")])  # relabelled: is_correct 0
+    source.save_predictions(batch[:5], by="ana@example.com")
+    source.save_predictions(batch[5:])  # saved without sign-in: nobody named
+    source.save_predictions([replace(batch[3], final_label="frog")], by="bo@example.com")  # relabelled: is_correct 0
     archive_path = tmp_path / "round-trip.zip"
     export(source, archive_path)
     expected = {record.content_hash: record for record in source.list_predictions()}
     assert {record.is_ood for record in expected.values()} == {True, False}
+    assert {(record.saved_by, record.labelled_by) for record in expected.values()} == {
+        ("ana@example.com", "ana@example.com"), ("ana@example.com", "bo@example.com"), ("", "")}
 
     target = make_backend(backend.name, request, tmp_path / "target", monkeypatch).store()
     assert import_archive(target, archive_path, make_thumbnail=thumbnail).saved == 6

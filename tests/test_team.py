@@ -1,0 +1,262 @@
+"""A team that signs in (issue 19): with an [auth] section in the secrets every page needs a signed-in person, each
+record keeps who saved it and who last labelled it, and admins are named in CIFAR10_ADMINS. Through AppTest, which
+plays a signed-in person (`AppTest.user`); the data parts on both backends. The real provider and browsers are in
+the browser tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import settings
+from conftest import ROOT, shown
+from db import SettingsError
+from test_app import BLUE, GREEN, RED, click, label_box, reader, sidebar_metrics, upload  # noqa: F401 (a fixture)
+
+ALICE, BOB = "alice@example.com", "bob@example.com"
+# What `.streamlit/secrets.toml` holds for sign-in; nothing here is ever contacted (AppTest does not sign in).
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "a-test-cookie-secret-of-32-chars!",
+        "client_id": "cifar10", "client_secret": "not-used",
+        "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
+
+
+@pytest.fixture
+def alice_is_the_admin(monkeypatch):
+    """Admins as people write them: any case, spaces around the commas. Named after the store's fixture, which
+    unsets CIFAR10_ADMINS with the other store variables."""
+    monkeypatch.setenv("CIFAR10_ADMINS", " Alice@Example.com ,carol@example.com")
+
+
+def open_page(user: dict, page: str = "app.py") -> AppTest:
+    """A page of the app, with sign-in configured, for this `st.user`."""
+    app = AppTest.from_file(str(ROOT / page), default_timeout=120)
+    app.secrets = {"auth": dict(AUTH)}
+    app.user = user
+    app.run()
+    assert not app.exception
+    return app
+
+
+def signed_in(email: str, page: str = "app.py") -> AppTest:
+    return open_page({"is_logged_in": True, "email": email, "email_verified": True, "name": email.split("@")[0]}, page)
+
+
+def page_words(app: AppTest) -> list[str]:
+    kinds = ("title", "header", "subheader", "markdown", "caption", "text", "error", "warning", "info", "success")
+    return [shown(str(element.value)) for kind in kinds for element in app.get(kind)]
+
+
+def test_a_signed_out_browser_sees_only_the_sign_in_button(store_env):
+    for page in ("app.py", "pages/1_History.py"):
+        app = open_page({"is_logged_in": False}, page)
+        assert [button.label for button in app.button] == ["Sign in"], page
+        assert not any(app.sidebar.get(kind) for kind in ("header", "metric", "button", "image", "caption"))
+        assert not app.get("file_uploader") and not app.get("text_area") and not app.get("link_button")
+        assert len(page_words(app)) <= 2, page_words(app)  # the title and one line of what this is
+    # Signed in without an e-mail the provider vouches for: told so, with only the way out.
+    app = open_page({"is_logged_in": True, "email": ALICE, "email_verified": False})
+    assert [button.label for button in app.button] == ["Sign out"] and "e-mail" in app.error[0].value
+    assert not app.get("file_uploader")
+
+
+def test_who_saved_and_who_relabelled_is_kept_shown_filtered_and_counted(backend, reader, alice_is_the_admin):
+    alice = signed_in(ALICE)
+    assert "Signed in as" in shown(" ".join(c.value for c in alice.sidebar.caption)) and ALICE in shown(
+        " ".join(c.value for c in alice.sidebar.caption))
+    upload(alice, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
+    alice_red = label_box(alice, "red.png").value
+    click(alice, "Save 2 images")
+
+    bob = signed_in(BOB)
+    upload(bob, [("green.png", GREEN, "image/png"), ("red.png", RED, "image/png")])
+    bob_red = "truck" if alice_red != "truck" else "ship"
+    label_box(bob, "red.png").set_value(bob_red)
+    bob.run()
+    click(bob, "Save 2 images")
+    assert "updated the label of 1 image" in shown(bob.success[0].value)
+    records = {record.source: record for record in reader.list_predictions()}
+    assert {source: (r.saved_by, r.labelled_by) for source, r in records.items()} == {
+        "red.png": (ALICE, BOB), "blue.jpg": (ALICE, ALICE), "green.png": (BOB, BOB)}
+    assert records["blue.jpg"].labelled_at == records["blue.jpg"].created_at
+    assert records["red.png"].labelled_at >= records["red.png"].created_at
+    metrics = sidebar_metrics(bob)
+    green_right = records["green.png"].is_correct
+    assert metrics["Saved images"] == "3" and metrics["Saved by you"] == "1"
+    assert metrics["Model accuracy on yours"] == ("100.0%" if green_right else "0.0%")
+
+    history = signed_in(ALICE, "pages/1_History.py")
+    captions = " ".join(shown(caption.value) for caption in history.caption)
+    assert f"saved by {ALICE}" in captions and f"saved by {BOB}" in captions and f"label by {BOB}" in captions
+    [people] = [box for box in history.multiselect if box.label == "Saved or labelled by"]
+    assert people.options == [ALICE, BOB]
+    people.set_value([BOB])
+    history.run()
+    assert "2 of 3 saved images match" in history.caption[0].value  # green (saved) and red (relabelled) by Bob
+
+    click(bob, "Undo last change")  # Bob's relabel, taken back: Alice's label and her name with it
+    red = {record.source: record for record in reader.list_predictions()}["red.png"]
+    assert (red.final_label, red.labelled_by, red.labelled_at) == (alice_red, ALICE, records["blue.jpg"].labelled_at)
+
+
+def test_only_admins_clear_the_database_or_delete_what_others_saved(store_env, alice_is_the_admin, monkeypatch):
+    from db import Store
+
+    store = Store.from_env()
+    alice = signed_in(ALICE)
+    upload(alice, [("red.png", RED, "image/png")])
+    click(alice, "Save 1 image")
+    bob = signed_in(BOB)
+    upload(bob, [("blue.jpg", BLUE, "image/jpeg")])
+    click(bob, "Save 1 image")
+
+    [clear] = [button for button in bob.sidebar.button if button.label == "Clear database"]
+    assert clear.disabled and any("Only an admin may clear the database" in shown(c.value) for c in bob.sidebar.caption)
+    history = signed_in(BOB, "pages/1_History.py")
+    owners = {record.id: record.saved_by for record in store.list_predictions()}
+    [alices] = [record_id for record_id, owner in owners.items() if owner == ALICE]
+    [bobs] = [record_id for record_id, owner in owners.items() if owner == BOB]
+    assert history.button(key=f"delete-{alices}").disabled and not history.button(key=f"delete-{bobs}").disabled
+
+    # Each action asks again when it runs, not only when the page is drawn: Bob, an admin a moment ago, is refused.
+    monkeypatch.setenv("CIFAR10_ADMINS", f"{ALICE},{BOB}")
+    bob.run()
+    history.run()
+    click(bob, "Clear database")
+    history.button(key=f"delete-{alices}").click()
+    monkeypatch.setenv("CIFAR10_ADMINS", " ALICE@example.COM ")
+    click(bob, "Yes, delete everything")
+    assert "Only an admin may clear the database" in shown(bob.error[0].value) and store.count() == 2
+    history.run()
+    assert f"saved by {ALICE}" in shown(history.error[0].value) and store.count() == 2
+    assert store.delete_predictions([alices], saved_by=BOB) is None and store.count() == 2  # the store's own check
+    history.button(key=f"delete-{bobs}").click()  # one's own, always
+    history.run()
+    assert history.success and [record.saved_by for record in store.list_predictions()] == [ALICE]
+
+    alice.run()
+    click(alice, "Clear database")
+    click(alice, "Yes, delete everything")
+    assert "Database cleared" in alice.success[0].value and store.count() == 0
+    store.close()
+
+
+def test_admins_are_named_in_the_environment_or_the_secrets_and_fail_closed(tmp_path, alice_is_the_admin, monkeypatch):
+    secrets = tmp_path / "secrets.toml"
+    monkeypatch.setattr(settings, "SECRETS_FILES", (secrets,))
+    assert settings.configured_admins() == {ALICE, "carol@example.com"}  # from the environment
+    monkeypatch.delenv("CIFAR10_ADMINS")
+    assert settings.configured_admins() == frozenset()
+    secrets.write_text('CIFAR10_ADMINS = "  BOB@example.com,, "\n[auth]\nclient_id = "x"\n')
+    assert settings.configured_admins() == {BOB}
+    bob, nobody = settings.Person(sign_in=True, email=BOB), settings.Person(sign_in=True)
+    assert settings.refusal(bob, settings.CLEAR) is None and "Sign in" in settings.refusal(nobody, settings.CLEAR)
+    for broken in ('CIFAR10_ADMINS = bob@example.com\n', '[auth]\nCIFAR10_ADMINS = "bob@example.com"\n',
+                   "CIFAR10_ADMINS = 1\n"):
+        secrets.write_text(broken)
+        with pytest.raises(SettingsError, match="CIFAR10_ADMINS|cannot be read"):
+            settings.configured_admins()
+        assert str(secrets) in settings.refusal(bob, settings.CLEAR)  # refused, saying why
+        assert settings.refusal(bob, settings.DELETE, owner=BOB) is None  # one's own needs no admin
+
+
+def test_records_saved_before_have_no_one_named(tmp_path):
+    """Migration 7 adds the columns to a database that has records: they stay empty, nobody is made up."""
+    import sql
+    from database_sqlite import SQLiteDatabase
+    from images_folder import FolderImages
+    from store import Store
+
+    path = tmp_path / "old.db"
+    connection = sqlite3.connect(path)
+    for migration in sql.MIGRATIONS[:6]:
+        connection.executescript(migration)
+    connection.execute("INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence, "
+                       "final_label, is_correct, created_at) VALUES (1, 'abc', 'abc.png', 'old.png', 'cat', 0.5, "
+                       "'cat', 1, '2025-01-01T00:00:00+00:00')")
+    connection.execute("PRAGMA user_version = 6")
+    connection.commit()
+    connection.close()
+    store = Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
+    [old] = store.list_predictions()
+    assert (old.source, old.saved_by, old.labelled_by, old.labelled_at) == ("old.png", "", "", "")
+    store.close()
+
+
+# ---------------------------------------------------------------- the /export route
+
+@pytest.fixture
+def streamlit_secrets(tmp_path):
+    """Streamlit's own secrets (what st.login, its cookie signing and the server read) from a file of the test's."""
+    from streamlit import config
+    from streamlit.runtime.secrets import secrets_singleton
+
+    path = tmp_path / "streamlit-secrets.toml"
+    path.write_text("[auth]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in AUTH.items()))
+    before = config.get_option("secrets.files")
+    config.set_option("secrets.files", [str(path)])
+    secrets_singleton._reset()
+    yield path
+    config.set_option("secrets.files", before)
+    secrets_singleton._reset()
+
+
+def identity_cookies(user: dict) -> dict[str, str]:
+    """The cookies Streamlit's own OAuth callback sets for this user (its _set_auth_cookie, signed with the secrets'
+    cookie_secret), as a browser sends them back."""
+    from starlette.responses import Response
+    from streamlit.web.server.starlette import starlette_auth_routes
+
+    response = Response()
+    asyncio.run(starlette_auth_routes._set_auth_cookie(response, user, {"id_token": "x"}))
+    cookies = {}
+    for name, value in response.raw_headers:
+        if name == b"set-cookie":
+            pair = value.decode("latin-1").split(";")[0]
+            if "=" in pair and not pair.endswith("="):
+                key, _, cookie = pair.partition("=")
+                cookies[key] = cookie.strip('"')
+    return cookies
+
+
+def export_status(cookies: dict[str, str]) -> tuple[int, bytes]:
+    import app as server
+    from starlette.requests import Request
+
+    header = "; ".join(f"{name}={value}" for name, value in cookies.items()).encode("latin-1")
+    response = server.export_download(Request({"type": "http", "method": "GET", "path": "/export/cifar10_feedback.csv",
+                                               "headers": [(b"cookie", header)] if cookies else [],
+                                               "path_params": {"name": "cifar10_feedback.csv"}}))
+
+    async def body() -> bytes:
+        if hasattr(response, "body_iterator"):
+            return b"".join([chunk async for chunk in response.body_iterator])
+        return response.body
+
+    return response.status_code, asyncio.run(body())
+
+
+def test_the_export_route_answers_only_a_cookie_streamlit_signed(store_env, streamlit_secrets):
+    origin = "http://localhost:8501"
+    signed = identity_cookies({"email": ALICE, "origin": origin, "is_logged_in": True, "provider": "default"})
+    assert export_status(signed)[0] == 200
+    assert export_status({})[0] == 401
+    unsigned = json.dumps({"email": ALICE, "origin": origin, "is_logged_in": True})
+    assert export_status({"_streamlit_user": unsigned})[0] == 401
+    tampered = dict(signed, _streamlit_user=signed["_streamlit_user"].replace("Ii", "Ij", 1)[:-2] + "xx")
+    assert export_status(tampered)[0] == 401
+    streamlit_secrets.write_text(streamlit_secrets.read_text().replace(AUTH["cookie_secret"], "another-secret-" * 3))
+    from streamlit.runtime.secrets import secrets_singleton
+
+    secrets_singleton._reset()
+    forged = identity_cookies({"email": ALICE, "origin": origin, "is_logged_in": True, "provider": "default"})
+    streamlit_secrets.write_text(streamlit_secrets.read_text().replace("another-secret-" * 3, AUTH["cookie_secret"]))
+    secrets_singleton._reset()
+    assert export_status(forged)[0] == 401  # signed, but with another secret
+    other_app = identity_cookies({"email": ALICE, "origin": "http://elsewhere:8501", "is_logged_in": True})
+    assert export_status(other_app)[0] == 401  # signed for another address
+    status, body = export_status(signed)
+    assert status == 200 and body.startswith(b"id,source")
