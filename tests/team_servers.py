@@ -49,30 +49,52 @@ def _node() -> str:
     return node
 
 
-def _wait(process: subprocess.Popen, log: Path, what: str, ready, timeout: float) -> None:
-    """Polls `ready()` until it is true; raises with the log's tail when the process exits or time is up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited ({process.returncode}): {log.read_text(errors='replace')[-3000:]}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start in {timeout:.0f} s: {log.read_text(errors='replace')[-3000:]}")
+class _Server:
+    """A program run in its own session, logging to `folder/log`; subclasses set `folder` and `process`."""
 
+    folder: Path
+    process: subprocess.Popen | None
 
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+    def _launch(self, command: list[str], what: str, timeout: float, **popen) -> None:
+        """Start `command` and poll `self._ready()` until it is true; raise with the log's tail when the program
+        exits or time is up."""
+        log_path = self.folder / "log"
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            **popen)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{what} exited ({self.process.returncode}): {self.log()[-3000:]}")
+            if self._ready():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} did not start in {timeout:.0f} s: {self.log()[-3000:]}")
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        return (self.folder / "log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def close(self) -> None:
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            self.stop()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass
-class OidcProvider:
+class OidcProvider(_Server):
     """`oidc-provider` with the people in `users` (e-mail -> password) and one client, the app.
 
     `redirect_uris` are the app's callback URLs (`http://127.0.0.1:<port>/oauth2callback`, one per address a
@@ -143,24 +165,7 @@ class OidcProvider:
             return False
 
     def start(self) -> None:
-        log_path = self.folder / "log"
-        log = open(log_path, "ab")
-        self.process = subprocess.Popen([self.node, str(OIDC_DIR / "provider.mjs"), str(self.config)],
-                                        cwd=OIDC_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        _wait(self.process, log_path, "oidc-provider", self._ready, 60)
-
-    def log(self) -> str:
-        return (self.folder / "log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        _stop(self.process)
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        self._launch([self.node, str(OIDC_DIR / "provider.mjs"), str(self.config)], "oidc-provider", 60, cwd=OIDC_DIR)
 
 
 def _haproxy() -> str:
@@ -172,7 +177,7 @@ def _haproxy() -> str:
 
 
 @dataclass
-class HAProxy:
+class HAProxy(_Server):
     """HAProxy on `deploy/haproxy.cfg` in front of `servers` ("127.0.0.1:port", in the order s1, s2, ...).
 
     The shipped file names two servers; for another number a copy with one `server` line per address is used.
@@ -259,22 +264,5 @@ class HAProxy:
                                env={**os.environ, **self.env()}, timeout=60)
         if check.returncode != 0:
             raise RuntimeError(f"{self.config} is not valid: {check.stdout}{check.stderr}")
-        log_path = self.folder / "log"
-        log = open(log_path, "ab")
-        self.process = subprocess.Popen([self.haproxy, "-f", str(self.config), "-db"], env={**os.environ, **self.env()},
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        _wait(self.process, log_path, "haproxy", self._ready, 30)
-
-    def log(self) -> str:
-        """HAProxy's log: one line per request (the server it went to, `--VN` = sticky cookie honoured)."""
-        return (self.folder / "log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        _stop(self.process)
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        # Its log has one line per request: the server it went to, `--VN` where the sticky cookie was honoured.
+        self._launch([self.haproxy, "-f", str(self.config), "-db"], "haproxy", 30, env={**os.environ, **self.env()})

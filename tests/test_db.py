@@ -278,16 +278,24 @@ def test_the_default_database_sits_next_to_app_py_whatever_the_working_directory
 
 # ---------------------------------------------------------------- migrations
 
-def test_migrates_a_version_1_sqlite_database_and_never_reuses_its_ids(tmp_path):
-    path = tmp_path / "old.db"
+def sqlite_file_at_version(path, version: int, *statements: str):
+    """An SQLite file as a release at schema `version` left it: its migrations run, then `statements` (its rows)."""
     connection = sqlite3.connect(path)
-    connection.executescript(sql.MIGRATIONS[0])
-    connection.execute("INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence,"
-                       " final_label, is_correct, created_at) VALUES (7, 'h', 'h.png', 'old.png', 'cat', 0.5, 'dog', 0,"
-                       " '2026-01-02T03:04:05+00:00')")
-    connection.execute("PRAGMA user_version = 1")
+    for migration in sql.MIGRATIONS[:version]:
+        connection.executescript(migration)
+    for statement in statements:
+        connection.execute(statement)
+    connection.execute(f"PRAGMA user_version = {version}")
     connection.commit()
     connection.close()
+    return path
+
+
+def test_migrates_a_version_1_sqlite_database_and_never_reuses_its_ids(tmp_path):
+    path = sqlite_file_at_version(
+        tmp_path / "old.db", 1,
+        "INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence, final_label, "
+        "is_correct, created_at) VALUES (7, 'h', 'h.png', 'old.png', 'cat', 0.5, 'dog', 0, '2026-01-02T03:04:05+00:00')")
     store = Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
     [row] = store.list_predictions()
     assert row.source == "old.png" and row.model_version == "unknown" and row.edits == 0
@@ -766,13 +774,7 @@ def test_migration_3_is_as_shipped_and_every_database_gets_the_indexes_added_lat
     """Round 2, 10: migration 3 was edited after it shipped, so a database it had migrated never got the new
     indexes. The released text is kept, and a later migration adds them to every database."""
     assert sql.MIGRATIONS[2] == SHIPPED_MIGRATION_3
-    path = tmp_path / "old.db"
-    connection = sqlite3.connect(path)
-    for migration in sql.MIGRATIONS[:version]:
-        connection.executescript(migration)
-    connection.execute(f"PRAGMA user_version = {version}")
-    connection.commit()
-    connection.close()
+    path = sqlite_file_at_version(tmp_path / "old.db", version)
     Store(SQLiteDatabase(path), FolderImages(tmp_path / "images")).close()
     indexes = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"predictions_labels", "predictions_created_at"} <= indexes and "predictions_final_label" not in indexes

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -16,6 +15,7 @@ import settings
 from conftest import ROOT, shown
 from db import SettingsError
 from test_app import BLUE, GREEN, RED, click, label_box, reader, sidebar_metrics, upload  # noqa: F401 (a fixture)
+from test_db import sqlite_file_at_version
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 # What `.streamlit/secrets.toml` holds for sign-in; nothing here is ever contacted (AppTest does not sign in).
@@ -165,21 +165,14 @@ def test_admins_are_named_in_the_environment_or_the_secrets_and_fail_closed(tmp_
 
 def test_records_saved_before_have_no_one_named(tmp_path):
     """Migration 7 adds the columns to a database that has records: they stay empty, nobody is made up."""
-    import sql
     from database_sqlite import SQLiteDatabase
     from images_folder import FolderImages
     from store import Store
 
-    path = tmp_path / "old.db"
-    connection = sqlite3.connect(path)
-    for migration in sql.MIGRATIONS[:6]:
-        connection.executescript(migration)
-    connection.execute("INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence, "
-                       "final_label, is_correct, created_at) VALUES (1, 'abc', 'abc.png', 'old.png', 'cat', 0.5, "
-                       "'cat', 1, '2025-01-01T00:00:00+00:00')")
-    connection.execute("PRAGMA user_version = 6")
-    connection.commit()
-    connection.close()
+    path = sqlite_file_at_version(
+        tmp_path / "old.db", 6,
+        "INSERT INTO predictions (id, content_hash, image_file, source, predicted_label, confidence, final_label, "
+        "is_correct, created_at) VALUES (1, 'abc', 'abc.png', 'old.png', 'cat', 0.5, 'cat', 1, '2025-01-01T00:00:00+00:00')")
     store = Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
     [old] = store.list_predictions()
     assert (old.source, old.saved_by, old.labelled_by, old.labelled_at) == ("old.png", "", "", "")
