@@ -41,6 +41,10 @@ VIEWS = ("Cards", "Table", ONE_AT_A_TIME)
 RUN_SECONDS = 1.0     # a run reads batches for about this long; the page is drawn, and the next run goes on
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 PICTURE_WIDTH = 440  # pixels: the one-at-a-time view's picture on the page
+# In the page's address while the page holds pictures not saved (how many): a session that starts at an address with
+# it knows they went with an earlier session (the page was reloaded, or its server stopped and the browser was sent to
+# another one behind the balancer), and says so.
+UNSAVED_PARAM = "unsaved"
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", iter_zip),
     "cifar10_feedback.csv": ("text/csv", iter_csv),
@@ -56,6 +60,27 @@ if (!window.textBoxesKeepCtrlEnter) {
       event.stopPropagation();
     }
   });
+}
+</script>"""
+# The browser's websocket reconnects by itself (a network blip, a restarted server, or, behind a balancer, another
+# server). Should the server it reaches not hold this page's session, Streamlit goes on showing the old page, whose
+# fragment's buttons and keys then do nothing (the new session drops their reruns): such a page is loaded again, and
+# starts afresh (saying what it lost, see UNSAVED_PARAM). Installed once per browser page; the session's id is kept up
+# to date on every run.
+RELOAD_WHEN_SESSION_IS_GONE = """<script>
+window.appSessionId = "%s";
+if (!window.reloadsWhenSessionIsGone) {
+  window.reloadsWhenSessionIsGone = true;
+  const PageWebSocket = window.WebSocket;
+  window.WebSocket = class extends PageWebSocket {  // the page's first socket is open already: these reconnect
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("open", async () => {
+        const answer = await fetch("/session-alive/" + window.appSessionId, {cache: "no-store"});
+        if (answer.status === 404) location.reload();
+      });
+    }
+  };
 }
 </script>"""
 
@@ -83,8 +108,19 @@ def export_download(request: Request) -> Response:
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-# `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads.
-app = st.App(__file__, routes=[Route("/export/{name}", export_download)])
+def session_alive(request: Request) -> Response:
+    """204 while this server holds the browser session named, 404 when it does not (a page reconnected to it after
+    its own server stopped, or after the session expired)."""
+    from streamlit.runtime import Runtime
+
+    alive = Runtime.exists() and Runtime.instance().is_active_session(request.path_params["session_id"])
+    return Response(status_code=204 if alive else 404)
+
+
+# `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads and
+# /session-alive/<id> for the pages' reconnections.
+app = st.App(__file__, routes=[Route("/export/{name}", export_download),
+                               Route("/session-alive/{session_id}", session_alive)])
 
 
 # ---------------------------------------------------------------- the main page
@@ -110,6 +146,8 @@ def classify_page() -> None:
     """The main page, top to bottom."""
     state = st.session_state
     person = signin.current_person()
+    if "review" not in state:  # a new session
+        report_lost_pictures()
     state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
     state.setdefault("upload_round", 0)   # part of the uploader's key: bumped once its files are read
     state.setdefault("review", Review())  # the pictures, their labels, the queue, the review's place
@@ -145,6 +183,24 @@ def classify_page() -> None:
     review_section(classifier.version)
     if taken or state.review.pending:
         st.rerun()  # the next batch, and an empty uploader
+
+
+def report_lost_pictures() -> None:
+    lost = st.query_params.get(UNSAVED_PARAM, "")
+    if lost.isdigit() and int(lost):
+        st.session_state.flash = (
+            "warning", f"{plural(int(lost), 'picture')} on this page had not been saved, and are gone with their "
+                       "labels: the page was reloaded, or the server that held it stopped. What was saved is safe "
+                       "(the sidebar counts it, History lists it). Upload the others again.")
+
+
+def mark_unsaved_in_address() -> None:
+    count = st.session_state.review.unsaved()
+    if st.query_params.get(UNSAVED_PARAM) != (str(count) if count else None):
+        if count:
+            st.query_params[UNSAVED_PARAM] = str(count)
+        else:
+            st.query_params.pop(UNSAVED_PARAM, None)
 
 
 # ---------------------------------------------------------------- the main page: the sidebar
@@ -367,6 +423,7 @@ def review_section(model_version: str) -> None:
             shown = page_of(items)
             (review_table if view == "Table" else review_cards)(shown, threshold, saved_before(shown))
     actions(model_version, keyboard=bool(items) and view == ONE_AT_A_TIME)
+    mark_unsaved_in_address()
 
 
 def choose_view(widget_key: str) -> None:
@@ -558,6 +615,7 @@ def save_all(model_version: str) -> None:
         state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
                                 "again once that is fixed.")
         return
+    review.saved()
     state.flash = ("success", saved_message(result, skipped=len(review.items()) - len(predictions)))
     if result.change is not None:
         state.undo = result.change
@@ -583,6 +641,8 @@ def undo_last() -> None:
     except StoreError as error:
         state.flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
         return
+    if not state.undo.deleted:  # a Save taken back: the page's pictures are unsaved again
+        state.review.saved_labels.clear()
     state.undo = None
 
 
@@ -607,6 +667,7 @@ if __name__ == "__main__":
         st.navigation([st.Page(signin.sign_in_page, title="Sign in", icon=":material/login:")], position="hidden").run()
     else:
         signin.sidebar(person)
+        st.html(RELOAD_WHEN_SESSION_IS_GONE % get_script_run_ctx().session_id, unsafe_allow_javascript=True)
         st.navigation([
             st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
             st.Page("pages/1_History.py", title="History", icon=":material/history:"),

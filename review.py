@@ -98,6 +98,7 @@ class Review:
         self.at_index = 0                  # its place, which stays when that picture leaves the page
         self.page = 1                      # the page of Cards and Table
         self.urls: list[str] = []          # the URL box's, in its order
+        self.saved_labels: dict[str, str] = {}  # content hash -> the label a Save from this page stored
 
     def close(self) -> None:
         """Forget the spooled originals (the temporary file goes)."""
@@ -314,6 +315,16 @@ class Review:
                               is_ood=item.prediction.is_ood, ood_score=item.prediction.ood_score,
                               thumbnail=item.thumbnail)
                 for key, item in self.to_save()]
+
+    def saved(self) -> None:
+        """A Save of to_save() committed: those pictures' labels are in the store."""
+        self.saved_labels.update({item.content_hash: self.final_label(key, item) for key, item in self.to_save()})
+
+    def unsaved(self) -> int:
+        """How many pictures the page would lose with this session: those still being read, and those whose label
+        no Save from this page has stored (pictures marked skip are not counted: nobody meant to save them)."""
+        return len(self.pending) + sum(self.saved_labels.get(item.content_hash) != self.final_label(key, item)
+                                       for key, item in self.to_save())
 
     def original_reader(self) -> Callable[[NewPrediction], bytes]:
         """Reads the bytes of a picture on the page back from the spool, byte for byte as uploaded or downloaded."""

@@ -17,6 +17,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import ROOT, Route, image_bytes, shown, without_code_spans
+from review import SKIP
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
 BLUE = image_bytes("JPEG", size=(80, 60), color=(20, 40, 220))
@@ -209,6 +210,37 @@ def test_clear_all_empties_the_page_and_keeps_the_database(store_env):
     assert app.file_uploader[0].value in (None, [])
     assert app.text_area[0].value == ""
     assert len(rows(db_path)) == 2
+
+
+def test_a_new_session_says_the_unsaved_pictures_of_the_old_one_are_gone(store_env):
+    """The page's address counts the pictures a lost session would take with it (a reload, or a server that died
+    behind the balancer); a session that starts at that address says so, once."""
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
+    assert app.query_params.get("unsaved") == "3"
+    label_box(app, "green.png").set_value(SKIP)  # left out on purpose: not lost
+    app.run()
+    assert app.query_params.get("unsaved") == "2"
+    click(app, "Save 2 images")
+    assert "unsaved" not in app.query_params
+    red = label_box(app, "red.png")
+    red.set_value("truck" if red.value != "truck" else "ship")  # a label changed since the save
+    app.run()
+    assert app.query_params.get("unsaved") == "1"
+
+    after_the_loss = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    after_the_loss.query_params.update(app.query_params)
+    after_the_loss.run()
+    [warning] = after_the_loss.warning
+    assert shown(warning.value).startswith("1 picture on this page had not been saved, and are gone")
+    assert "unsaved" not in after_the_loss.query_params and sidebar_metrics(after_the_loss)["Saved images"] == "2"
+    after_the_loss.run()
+    assert not after_the_loss.warning  # said once
+
+    click(app, "Undo last change")  # the save taken back: all of it is unsaved again
+    assert app.query_params.get("unsaved") == "2"
+    click(app, "Clear all")
+    assert "unsaved" not in app.query_params
 
 
 def test_urls_are_fetched_and_bad_ones_report_themselves(store_env, local_server, monkeypatch):

@@ -1,10 +1,9 @@
-"""The real app in a real browser: `streamlit run app.py` driven by Playwright in Debian's Chromium, alone on
-SQLite, and two servers sharing one PostgreSQL + SeaweedFS store. Every step waits on the page's state (the run an
+"""The real app in a real browser: `streamlit run app.py` driven by Playwright in Debian's Chromium, on SQLite, and
+the helpers the other browser tests use (the team's two servers behind HAProxy are in test_team_browser.py). Every step waits on the page's state (the run an
 action started has ended, the text it shows), never for a fixed time."""
 
 from __future__ import annotations
 
-import io
 import os
 import sqlite3
 import subprocess
@@ -14,7 +13,7 @@ import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import pytest
 
@@ -68,44 +67,53 @@ def chromium_installed():
         cannot_run(f"{CHROMIUM} not installed (apt-get install chromium)")
 
 
+class StreamlitServer(NamedTuple):
+    url: str               # http://127.0.0.1:<port>
+    process: subprocess.Popen
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+
 @contextmanager
-def streamlit_servers(store_env: dict[str, str], logs: list[Path]) -> Iterator[list[str]]:
-    """One `streamlit run app.py` with this store per log file, all started at once, each on a free port; a
-    server's output goes to its log (a pipe nobody reads would fill up and stall a chatty server)."""
-    env = {key: value for key, value in os.environ.items() if key not in STORE_VARIABLES} | store_env
-    servers, urls = [], []
+def streamlit_servers(env: dict[str, str], logs: list[Path]) -> Iterator[list[StreamlitServer]]:
+    """One `streamlit run app.py` with these variables (the store's, at least) per log file, all started at once,
+    each on a free port; a server's output goes to its log (a pipe nobody reads would fill up and stall a chatty
+    server)."""
+    env = {key: value for key, value in os.environ.items() if key not in STORE_VARIABLES} | env
+    servers = []
     try:
         for log in logs:
             port = free_port()
             with open(log, "wb") as output:
-                servers.append(subprocess.Popen(
+                servers.append(StreamlitServer(f"http://127.0.0.1:{port}", subprocess.Popen(
                     [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
                      "--server.address", "127.0.0.1", "--server.headless", "true",
                      "--browser.gatherUsageStats", "false"],
-                    cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT))
-            urls.append(f"http://127.0.0.1:{port}")
+                    cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)))
         deadline = time.monotonic() + 90
-        for server, url, log in zip(servers, urls, logs):
-            wait_until_up(server, url, log, deadline)
-        yield urls
+        for server, log in zip(servers, logs):
+            wait_until_up(server, log, deadline)
+        yield servers
     finally:
         for server in servers:
-            server.terminate()
+            server.process.terminate()
         for server in servers:
             try:
-                server.wait(timeout=15)
+                server.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                server.kill()
+                server.process.kill()
 
 
-def wait_until_up(server: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
+def wait_until_up(server: StreamlitServer, log: Path, deadline: float) -> None:
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
+            with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
+            if server.process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not start: {log.read_text()[-3000:]}")
             time.sleep(0.3)
 
@@ -215,13 +223,13 @@ def saved_count(page) -> str:
 def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
     db_path = tmp_path / "browser.db"
     store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")}
-    with streamlit_servers(store, [tmp_path / "server.log"]) as [url]:
+    with streamlit_servers(store, [tmp_path / "server.log"]) as [server]:
         page = new_page(browser)
         broken = tmp_path / "broken.jpg"
         broken.write_bytes(b"this is text")
         files = pictures(tmp_path, ("red.png", (220, 20, 20)), ("sky.png", (40, 120, 230))) + [str(broken)]
 
-        open_app(page, url)
+        open_app(page, server.url)
         assert page.get_by_text("Nothing saved yet").is_visible()
         assert page.locator('[data-testid="stSidebarNav"]').inner_text().split() == [
             "image_search", "Classify", "history", "History"]
@@ -270,40 +278,3 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
                 [correction, table_correction])
         page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
 
-
-def test_two_servers_share_one_postgresql_and_s3_store(browser, tmp_path, postgres_server, s3_server):
-    """A team setup: what one server saves, the other shows, and the other's export carries it."""
-    store = {"CIFAR10_DATABASE_URL": postgres_server.database("two_servers"),
-             "CIFAR10_IMAGE_STORE": "s3://cifar10-tests/two-servers", **s3_server.env()}
-    with streamlit_servers(store, [tmp_path / "first.log", tmp_path / "second.log"]) as [first, second]:
-        on_first, on_second = new_page(browser), new_page(browser)
-        on_first.goto(first)
-        on_second.goto(second)  # both servers load the model at once
-        wait_for_run(on_first, 0)
-        wait_for_run(on_second, 0)
-        with app_run(on_first):
-            on_first.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-                pictures(tmp_path, ("red.png", (220, 20, 20))))
-            on_first.get_by_text("1 image classified").wait_for(timeout=60_000)
-        correction = choose_label(on_first, "red.png")
-        with app_run(on_first):
-            on_first.get_by_role("button", name="Save 1 image").click()
-            on_first.get_by_text("Saved 1 image").wait_for(timeout=30_000)
-
-        open_app(on_second)  # a new session on the other server
-        assert saved_count(on_second) == "1"
-        with app_run(on_second):
-            on_second.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
-                pictures(tmp_path, ("sky.png", (40, 120, 230))))
-            on_second.get_by_text("1 image classified").wait_for(timeout=60_000)
-        with app_run(on_second):
-            on_second.get_by_role("button", name="Save 1 image").click()
-            on_second.get_by_text("Saved 1 image").wait_for(timeout=30_000)
-        assert saved_count(on_second) == "2"
-
-        open_app(on_first)
-        assert saved_count(on_first) == "2"
-        with urllib.request.urlopen(f"{second}/export/cifar10_feedback.zip", timeout=30) as response:
-            names = zipfile.ZipFile(io.BytesIO(response.read())).namelist()
-        assert len(names) == 3 and "labels.csv" in names  # both images, whichever server saved them
-        assert any(name.startswith(f"{correction}/") for name in names)

@@ -72,16 +72,16 @@ def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(  # no
         path.write_bytes(image_bytes("PNG", size=(24, 18), color=(index * 37 % 256, index * 91 % 256,
                                                                   (index * 53 + 40) % 256)))
         files.append(str(path))
-    with streamlit_servers(store, [tmp_path / "server.log"]) as [url]:
+    with streamlit_servers(store, [tmp_path / "server.log"]) as [server]:
         page = new_page(browser)
         received: list[bytes] = []  # what the server sends, to see what a key redraws
         page.on("websocket", lambda socket: socket.on("framereceived", lambda frame: received.append(
             frame if isinstance(frame, bytes) else frame.encode())))
-        open_app(page, url)
+        open_app(page, server.url)
         with app_run(page):
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(files)
             page.get_by_text("50 images classified").first.wait_for(timeout=120_000)
-        assert uploads_held_by_streamlit(url) == 0  # read into the page: Streamlit no longer holds them
+        assert uploads_held_by_streamlit(server.url) == 0  # read into the page: Streamlit no longer holds them
 
         # From here on, keys only: the view is chosen from the keyboard too (focus, then Enter).
         page.locator('[data-testid="stButtonGroup"] button').filter(has_text="One at a time").focus()

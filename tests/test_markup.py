@@ -129,10 +129,10 @@ def test_hostile_text_renders_as_text_in_a_real_browser(chromium, store_env, tmp
         return [address for address in links + pictures + requested if "evil" in address]
 
     with streamlit_servers({"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(image_dir)},
-                           [tmp_path / "server.log"]) as [url]:
+                           [tmp_path / "server.log"]) as [server]:
         page = new_page(chromium)
         page.on("request", lambda request: requested.append(request.url))
-        open_app(page, url)
+        open_app(page, server.url)
         with app_run(page):
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([
                 {"name": UPLOAD_NAME, "mimeType": "image/png", "buffer": RED},
