@@ -188,10 +188,12 @@ def classify_page() -> None:
 def report_lost_pictures() -> None:
     lost = st.query_params.get(UNSAVED_PARAM, "")
     if lost.isdigit() and int(lost):
+        one = int(lost) == 1
         st.session_state.flash = (
-            "warning", f"{plural(int(lost), 'picture')} on this page had not been saved, and are gone with their "
-                       "labels: the page was reloaded, or the server that held it stopped. What was saved is safe "
-                       "(the sidebar counts it, History lists it). Upload the others again.")
+            "warning", f"{plural(int(lost), 'picture')} on this page had not been saved and "
+                       f"{'is gone, with its label' if one else 'are gone, with their labels'}: the page was "
+                       "reloaded, or the server that held it stopped. What was saved is safe (the sidebar counts it, "
+                       f"History lists it). Upload {'it' if one else 'them'} again.")
 
 
 def mark_unsaved_in_address() -> None:

@@ -291,13 +291,17 @@ def scan_for_components_once() -> Iterator[None]:
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Start the model's pass over the test split in its own process as soon as a test to run reads it, and run
-    those tests last."""
+    """Run the browser tests first and the readers of the model's pass over the test split last, and start that pass
+    in its own process as soon as a test to run reads it. The browser tests are the longest: started first, each
+    worker gets some and both finish together, instead of one running the last of them alone."""
     import split_pass
 
-    readers = [item for item in items if "test_split" in getattr(item, "fixturenames", ())]
-    if readers:
-        items[:] = [item for item in items if "test_split" not in getattr(item, "fixturenames", ())] + readers
+    def place(item) -> int:
+        fixtures = getattr(item, "fixturenames", ())
+        return 2 if "test_split" in fixtures else 0 if "browser" in fixtures else 1
+
+    items.sort(key=place)  # stable: each group keeps its order
+    if any(place(item) == 2 for item in items):
         split_pass.start_once(Path(os.environ[SPLIT_PASS_FOLDER]))
 
 
@@ -318,6 +322,64 @@ def test_split(classifier) -> SplitPass:
         pytest.fail(f"the model's pass over the test split failed: {error}")
     logits, features = outputs["logits"], outputs["features"]
     return SplitPass(outputs["labels"], logits, features, classifier.predictions(logits, features))
+
+
+def run_coroutine(coroutine):
+    """asyncio.run in a thread of its own: while a worker's Chromium is open, Playwright's sync API keeps an event
+    loop running in the main thread, where asyncio.run refuses to start another."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def export(name: str, cookies: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """The status and whole body of what the server's /export/<name> route (app.export_download) answers a browser
+    sending these cookies."""
+    from starlette.requests import Request
+
+    import app as server
+
+    header = "; ".join(f"{key}={value}" for key, value in (cookies or {}).items()).encode("latin-1")
+    response = server.export_download(Request({"type": "http", "method": "GET", "path": f"/export/{name}",
+                                               "headers": [(b"cookie", header)] if cookies else [],
+                                               "path_params": {"name": name}}))
+
+    async def body() -> bytes:
+        if hasattr(response, "body_iterator"):  # a streamed answer; a refusal is a plain one
+            return b"".join([chunk async for chunk in response.body_iterator])
+        return response.body
+
+    return response.status_code, run_coroutine(body())
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium through Playwright, started once per worker."""
+    if not Path(CHROMIUM).exists():
+        cannot_run(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The worker's Chromium for one test: its pages (a context each, so no cookie or storage crosses from one to
+    another) are closed when the test ends, so none goes on reconnecting to a server that has stopped."""
+    yield chromium
+    for context in chromium.contexts:
+        context.close()
 
 
 ImageFactory = Callable[..., bytes]

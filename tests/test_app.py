@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, Route, image_bytes, shown, without_code_spans
+from conftest import ROOT, Route, export, image_bytes, shown, without_code_spans
 from review import SKIP
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
@@ -232,13 +232,20 @@ def test_a_new_session_says_the_unsaved_pictures_of_the_old_one_are_gone(store_e
     after_the_loss.query_params.update(app.query_params)
     after_the_loss.run()
     [warning] = after_the_loss.warning
-    assert shown(warning.value).startswith("1 picture on this page had not been saved, and are gone")
+    assert shown(warning.value).startswith("1 picture on this page had not been saved and is gone, with its label")
+    assert shown(warning.value).endswith("Upload it again.")
     assert "unsaved" not in after_the_loss.query_params and sidebar_metrics(after_the_loss)["Saved images"] == "2"
     after_the_loss.run()
     assert not after_the_loss.warning  # said once
 
     click(app, "Undo last change")  # the save taken back: all of it is unsaved again
     assert app.query_params.get("unsaved") == "2"
+    two_lost = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    two_lost.query_params.update(app.query_params)
+    two_lost.run()
+    assert shown(two_lost.warning[0].value).startswith(
+        "2 pictures on this page had not been saved and are gone, with their labels")
+    assert shown(two_lost.warning[0].value).endswith("Upload them again.")
     click(app, "Clear all")
     assert "unsaved" not in app.query_params
 
@@ -654,31 +661,15 @@ def test_undo_delete_and_clear_update_the_sidebar_counts_and_charts_on_the_same_
     reader.close()
 
 
-def download(name: str) -> tuple[int, bytes]:
-    """What the server's /export/<name> route streams (app.export_download), read whole."""
-    import asyncio
-
-    from starlette.requests import Request
-
-    import app as server
-
-    response = server.export_download(Request({"type": "http", "path_params": {"name": name}}))
-
-    async def body() -> bytes:
-        return b"".join([chunk async for chunk in response.body_iterator])
-
-    return response.status_code, asyncio.run(body())
-
-
 def test_the_downloads_carry_what_the_pages_saved(backend, reader):
     save_three()
     saved = {record.source: record for record in reader.list_predictions()}
-    status, body = download("cifar10_feedback.csv")
+    status, body = export("cifar10_feedback.csv")
     assert status == 200
     table = list(csv.DictReader(io.StringIO(body.decode())))
     assert sorted((row["source"], row["final_label"], row["content_hash"]) for row in table) == sorted(
         (source, record.final_label, record.content_hash) for source, record in saved.items())
-    status, body = download("cifar10_feedback.zip")
+    status, body = export("cifar10_feedback.zip")
     assert status == 200
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         assert set(archive.namelist()) == {f"{r.final_label}/{r.image_file}" for r in saved.values()} | {"labels.csv"}

@@ -17,10 +17,9 @@ from typing import Iterator, NamedTuple
 
 import pytest
 
-from conftest import ROOT, STORE_VARIABLES, cannot_run, image_bytes
+from conftest import ROOT, STORE_VARIABLES, image_bytes
 from servers import free_port
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Installed in every page before the app's own scripts: counts the app's runs as the server reports them finished,
@@ -59,12 +58,6 @@ window.WebSocket = class extends PageWebSocket {
   }
 };
 """
-
-
-@pytest.fixture(autouse=True)
-def chromium_installed():
-    if not Path(CHROMIUM).exists():
-        cannot_run(f"{CHROMIUM} not installed (apt-get install chromium)")
 
 
 class StreamlitServer(NamedTuple):
@@ -118,21 +111,8 @@ def wait_until_up(server: StreamlitServer, log: Path, deadline: float) -> None:
             time.sleep(0.3)
 
 
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"])
-        yield launched
-        launched.close()
-
-
 def new_page(browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True, reduced_motion="reduce")
     page.add_init_script(COUNT_RUNS)
     return page
 

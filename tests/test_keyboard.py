@@ -10,8 +10,7 @@ import sqlite3
 import urllib.request
 
 from conftest import Route, image_bytes
-from test_browser import (ARTIFACTS, IDLE, app_run, browser, chromium_installed,  # noqa: F401 (fixtures)
-                          new_page, open_app, streamlit_servers)
+from test_browser import ARTIFACTS, IDLE, app_run, new_page, open_app, streamlit_servers
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 KEYS = dict(zip(CLASSES, "1234567890"))
@@ -58,7 +57,7 @@ def saved_labels(db_path) -> dict[str, str]:
         return dict(connection.execute("SELECT source, final_label FROM predictions"))
 
 
-def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(  # noqa: F811 (browser)
+def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(
         browser, tmp_path, local_server):
     db_path = tmp_path / "keyboard.db"
     store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images"),

@@ -9,16 +9,15 @@ import hashlib
 import io
 import re
 import zipfile
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from archives import iter_csv, iter_zip
-from conftest import ROOT, cannot_run, image_bytes, shown, without_code_spans
+from conftest import ROOT, image_bytes, shown, without_code_spans
 from db import NewPrediction, Store
 from display import code_span, escape_markdown
-from test_browser import CHROMIUM, app_run, browser, new_page, open_app, streamlit_servers  # noqa: F401 (browser: a fixture)
+from test_browser import app_run, new_page, open_app, streamlit_servers
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
 # A model_version from an imported archive: it closes a plain `...` code span around it, then links and shows
@@ -108,15 +107,7 @@ def test_history_shows_sources_labels_and_model_versions_as_text(store_env):
     assert_only_text(app, f"Take back the delete of {HOSTILE_SOURCE}.")
 
 
-@pytest.fixture
-def chromium(request):
-    """test_browser's headless Chromium, where Debian's is installed."""
-    if not Path(CHROMIUM).exists():
-        cannot_run(f"{CHROMIUM} not installed (apt-get install chromium)")
-    return request.getfixturevalue("browser")
-
-
-def test_hostile_text_renders_as_text_in_a_real_browser(chromium, store_env, tmp_path):
+def test_hostile_text_renders_as_text_in_a_real_browser(browser, store_env, tmp_path):
     """What Chromium draws on both pages: no link or picture pointing outside, nothing fetched from outside, and the
     text as written."""
     db_path, image_dir = store_env
@@ -130,7 +121,7 @@ def test_hostile_text_renders_as_text_in_a_real_browser(chromium, store_env, tmp
 
     with streamlit_servers({"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(image_dir)},
                            [tmp_path / "server.log"]) as [server]:
-        page = new_page(chromium)
+        page = new_page(browser)
         page.on("request", lambda request: requested.append(request.url))
         open_app(page, server.url)
         with app_run(page):

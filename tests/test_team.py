@@ -5,14 +5,13 @@ the browser tests."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import settings
-from conftest import ROOT, shown
+from conftest import ROOT, export, run_coroutine, shown
 from db import SettingsError
 from test_app import BLUE, GREEN, RED, click, label_box, reader, sidebar_metrics, upload  # noqa: F401 (a fixture)
 from test_db import sqlite_file_at_version
@@ -204,7 +203,7 @@ def identity_cookies(user: dict) -> dict[str, str]:
     from streamlit.web.server.starlette import starlette_auth_routes
 
     response = Response()
-    asyncio.run(starlette_auth_routes._set_auth_cookie(response, user, {"id_token": "x"}))
+    run_coroutine(starlette_auth_routes._set_auth_cookie(response, user, {"id_token": "x"}))
     cookies = {}
     for name, value in response.raw_headers:
         if name == b"set-cookie":
@@ -215,32 +214,15 @@ def identity_cookies(user: dict) -> dict[str, str]:
     return cookies
 
 
-def export_status(cookies: dict[str, str]) -> tuple[int, bytes]:
-    import app as server
-    from starlette.requests import Request
-
-    header = "; ".join(f"{name}={value}" for name, value in cookies.items()).encode("latin-1")
-    response = server.export_download(Request({"type": "http", "method": "GET", "path": "/export/cifar10_feedback.csv",
-                                               "headers": [(b"cookie", header)] if cookies else [],
-                                               "path_params": {"name": "cifar10_feedback.csv"}}))
-
-    async def body() -> bytes:
-        if hasattr(response, "body_iterator"):
-            return b"".join([chunk async for chunk in response.body_iterator])
-        return response.body
-
-    return response.status_code, asyncio.run(body())
-
-
 def test_the_export_route_answers_only_a_cookie_streamlit_signed(store_env, streamlit_secrets):
     origin = "http://localhost:8501"
     signed = identity_cookies({"email": ALICE, "origin": origin, "is_logged_in": True, "provider": "default"})
-    assert export_status(signed)[0] == 200
-    assert export_status({})[0] == 401
+    assert export("cifar10_feedback.csv", signed)[0] == 200
+    assert export("cifar10_feedback.csv", {})[0] == 401
     unsigned = json.dumps({"email": ALICE, "origin": origin, "is_logged_in": True})
-    assert export_status({"_streamlit_user": unsigned})[0] == 401
+    assert export("cifar10_feedback.csv", {"_streamlit_user": unsigned})[0] == 401
     tampered = dict(signed, _streamlit_user=signed["_streamlit_user"].replace("Ii", "Ij", 1)[:-2] + "xx")
-    assert export_status(tampered)[0] == 401
+    assert export("cifar10_feedback.csv", tampered)[0] == 401
     streamlit_secrets.write_text(streamlit_secrets.read_text().replace(AUTH["cookie_secret"], "another-secret-" * 3))
     from streamlit.runtime.secrets import secrets_singleton
 
@@ -248,8 +230,8 @@ def test_the_export_route_answers_only_a_cookie_streamlit_signed(store_env, stre
     forged = identity_cookies({"email": ALICE, "origin": origin, "is_logged_in": True, "provider": "default"})
     streamlit_secrets.write_text(streamlit_secrets.read_text().replace("another-secret-" * 3, AUTH["cookie_secret"]))
     secrets_singleton._reset()
-    assert export_status(forged)[0] == 401  # signed, but with another secret
+    assert export("cifar10_feedback.csv", forged)[0] == 401  # signed, but with another secret
     other_app = identity_cookies({"email": ALICE, "origin": "http://elsewhere:8501", "is_logged_in": True})
-    assert export_status(other_app)[0] == 401  # signed for another address
-    status, body = export_status(signed)
+    assert export("cifar10_feedback.csv", other_app)[0] == 401  # signed for another address
+    status, body = export("cifar10_feedback.csv", signed)
     assert status == 200 and body.startswith(b"id,source")

@@ -10,8 +10,8 @@ from contextlib import ExitStack
 
 from servers import free_port
 from team_servers import USERS, HAProxy, OidcProvider
-from test_browser import (app_run, browser, chromium_installed, new_page, open_app, pictures,  # noqa: F401 (fixtures)
-                          saved_count, streamlit_servers, wait_for_run)
+from test_browser import (app_run, new_page, open_app, pictures, saved_count, streamlit_servers,
+                          wait_for_run)
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 EXPORT = "/export/cifar10_feedback.zip"
@@ -112,7 +112,7 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         first.process.kill()
         # Her page reconnects to the second server, which does not have her session: the page loads again there,
         # still signed in, with every save, and says plainly that the picture that was on it is gone.
-        alice.get_by_text("1 picture on this page had not been saved, and are gone").wait_for(timeout=60_000)
+        alice.get_by_text("1 picture on this page had not been saved and is gone").wait_for(timeout=60_000)
         wait_for_run(alice, 0)
         assert server_of(alice) == "s2"
         assert f"Signed in as {ALICE}" in alice.locator('[data-testid="stSidebar"]').inner_text()
@@ -120,6 +120,14 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         upload_and_save(alice, tmp_path, "grass.png", (30, 160, 40))
         assert saved_count(alice) == "3"
         haproxy.wait_for("DOWN", ["s1"])
+        # Both on one server now, each is still themselves: their own name and their own count beside the store's.
+        open_app(bob, balancer)
+        assert server_of(bob) == "s2"
+        for page, person, own in ((alice, ALICE, "2"), (bob, BOB, "1")):
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            assert f"Signed in as {person}" in sidebar.inner_text()
+            yours = sidebar.locator('[data-testid="stMetric"]').filter(has_text="Saved by you")
+            assert yours.locator('[data-testid="stMetricValue"]').inner_text() == own
 
         # Alice is an admin: she may clear the database, for everyone.
         with app_run(alice):
@@ -127,5 +135,5 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         with app_run(alice):
             alice.get_by_role("button", name="Yes, delete everything").click()
             alice.get_by_text("Database cleared: 3 saved images deleted.").wait_for(timeout=30_000)
-        open_app(bob, balancer)  # from History to the main page, on the second server as before
+        open_app(bob)
         assert saved_count(bob) == "0"
