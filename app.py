@@ -465,11 +465,11 @@ def review_one(items: list[Item], threshold: float) -> None:
         current = None
         if not done:
             prediction = item.prediction
-            current = review.final_label(shown, item)
+            current = review.final_label(item)
             with st.container(key="one-prediction"):
                 st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
                 st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
-            chosen = review.corrections.get(shown)
+            chosen = review.chosen(item)
             st.markdown(f"Label: **{prediction.label}**, the prediction (`Enter` confirms it)" if chosen is None else
                         f"Label: **{SKIP}**, left out of the save" if chosen == SKIP else
                         f"Label: **{chosen}**, confirmed" if chosen == prediction.label else
@@ -517,7 +517,7 @@ def review_table(items: list[Item], threshold: float, seen: dict) -> None:
         "prediction": [item.prediction.label for _, item in items],
         "confidence": [item.prediction.confidence for _, item in items],
         "flag": [flag(item.prediction, threshold) for _, item in items],
-        "label": [review.final_label(key, item) for key, item in items],
+        "label": [review.final_label(item) for _, item in items],
         "already saved": [seen[item.content_hash].final_label if item.content_hash in seen else ""
                           for _, item in items],
     })
@@ -553,7 +553,7 @@ def review_cards(items: list[Item], threshold: float, seen: dict) -> None:
                 st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
                 st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
                 widget_key = f"label-{nonce}-{key}"
-                st.selectbox("Label", LABEL_CHOICES, index=LABEL_CHOICES.index(review.final_label(key, item)),
+                st.selectbox("Label", LABEL_CHOICES, index=LABEL_CHOICES.index(review.final_label(item)),
                              key=widget_key, on_change=remember_card_choice, args=(key, widget_key),
                              format_func=lambda choice: "skip (don't save)" if choice == SKIP else choice)
                 if item.content_hash in seen:

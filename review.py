@@ -92,7 +92,9 @@ class Review:
         self.pending: list[Pending] = []   # in the spool, not yet classified
         self.queued = 0                    # inputs queued since the queue was last empty (for the progress bar)
         self.taken_uploads: set[str] = set()  # the upload ids already read
-        self.corrections: dict[str, str] = {}  # input key -> the label the person chose (a class or SKIP)
+        # Content hash -> the label the person chose (a class or SKIP): a label is the picture's, whichever of the
+        # inputs that brought it lists it (the same picture can come by URL, then by upload).
+        self.corrections: dict[str, str] = {}
         self.spool: Spool | None = None
         self.at_key: str | None = None     # the picture the one-at-a-time view is at (None: past the last)
         self.at_index = 0                  # its place, which stays when that picture leaves the page
@@ -235,14 +237,19 @@ class Review:
                 first[result.content_hash] = result.source
         return repeated
 
-    def final_label(self, key: str, item: Classified) -> str:
+    def chosen(self, item: Classified) -> str | None:
+        """The label the person gave this picture (a class or SKIP), or None: they have not."""
+        return self.corrections.get(item.content_hash)
+
+    def final_label(self, item: Classified) -> str:
         """The class the person chose, the prediction if they left it, or SKIP."""
-        return self.corrections.get(key, item.prediction.label)
+        return self.corrections.get(item.content_hash, item.prediction.label)
 
     def label(self, key: str, label: str) -> None:
-        """A choice made in Cards or Table: a class, or SKIP."""
-        if label in LABEL_CHOICES:
-            self.corrections[key] = label
+        """A choice made in Cards or Table for the picture this input lists: a class, or SKIP."""
+        result = self.results.get(key)
+        if label in LABEL_CHOICES and isinstance(result, Classified):
+            self.corrections[result.content_hash] = label
 
     def ordered(self, threshold: float) -> list[Item]:
         return review_order(self.items(), threshold)
@@ -271,7 +278,7 @@ class Review:
         """The first picture after `index` that has had no key yet, else the first before it (a batch read during
         the review can list flagged pictures ahead of the view), else len(keys): all are reviewed."""
         for candidate in [*range(index + 1, len(keys)), *range(0, min(index + 1, len(keys)))]:
-            if keys[candidate] not in self.corrections:
+            if self.results[keys[candidate]].content_hash not in self.corrections:
                 return candidate
         return len(keys)
 
@@ -296,7 +303,8 @@ class Review:
         if action == BACK:
             index = max(0, index - 1)
         elif shown is not None:
-            self.corrections[shown] = items[index][1].prediction.label if action == CONFIRM else action
+            item = items[index][1]
+            self.corrections[item.content_hash] = item.prediction.label if action == CONFIRM else action
             index = self._unreviewed_after(keys, index)
         self.go_to(keys, index)
 
@@ -304,27 +312,27 @@ class Review:
 
     def to_save(self) -> list[Item]:
         """The pictures a Save takes: every one not marked SKIP."""
-        return [(key, item) for key, item in self.items() if self.final_label(key, item) != SKIP]
+        return [(key, item) for key, item in self.items() if self.final_label(item) != SKIP]
 
     def predictions(self, model_version: str) -> list[NewPrediction]:
         """What a Save hands to the store, without the originals: the store reads each from the spool (through
         original_reader()) as it writes it, so a Save of a thousand photos never holds them all in memory."""
         return [NewPrediction(content_hash=item.content_hash, data=b"", extension=item.extension, source=item.source,
                               predicted_label=item.prediction.label, confidence=item.prediction.confidence,
-                              final_label=self.final_label(key, item), model_version=model_version,
+                              final_label=self.final_label(item), model_version=model_version,
                               is_ood=item.prediction.is_ood, ood_score=item.prediction.ood_score,
                               thumbnail=item.thumbnail)
-                for key, item in self.to_save()]
+                for _, item in self.to_save()]
 
     def saved(self) -> None:
         """A Save of to_save() committed: those pictures' labels are in the store."""
-        self.saved_labels.update({item.content_hash: self.final_label(key, item) for key, item in self.to_save()})
+        self.saved_labels.update({item.content_hash: self.final_label(item) for _, item in self.to_save()})
 
     def unsaved(self) -> int:
         """How many pictures the page would lose with this session: those still being read, and those whose label
         no Save from this page has stored (pictures marked skip are not counted: nobody meant to save them)."""
-        return len(self.pending) + sum(self.saved_labels.get(item.content_hash) != self.final_label(key, item)
-                                       for key, item in self.to_save())
+        return len(self.pending) + sum(self.saved_labels.get(item.content_hash) != self.final_label(item)
+                                       for _, item in self.to_save())
 
     def original_reader(self) -> Callable[[NewPrediction], bytes]:
         """Reads the bytes of a picture on the page back from the spool, byte for byte as uploaded or downloaded."""

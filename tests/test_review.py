@@ -32,6 +32,11 @@ def shown(review: Review, threshold: float = 0.75) -> str | None:
     return keys[index] if index < len(keys) else None
 
 
+def labels_given(review: Review) -> dict[str, str]:
+    """The label each picture on the page was given, by the input that lists it."""
+    return {key: review.chosen(item) for key, item in review.items() if review.chosen(item) is not None}
+
+
 def read_everything(review: Review, classifier) -> None:
     with ThreadPoolExecutor(2) as pool:
         while review.pending:
@@ -47,9 +52,9 @@ def test_each_key_labels_the_picture_on_the_screen_and_moves_in_review_order():
     assert [key for key, _ in review.ordered(0.75)] == ["unsure", "unknown", "sure", "also-sure"]  # flagged first
     assert shown(review) == "unsure"
     review.press("bird", "unsure", 0.75)         # a class, then the next picture
-    assert shown(review) == "unknown" and review.corrections == {"unsure": "bird"}
+    assert shown(review) == "unknown" and labels_given(review) == {"unsure": "bird"}
     review.press("truck", "unsure", 0.75)        # a key of the picture the view has left: dropped
-    assert shown(review) == "unknown" and review.corrections == {"unsure": "bird"}
+    assert shown(review) == "unknown" and labels_given(review) == {"unsure": "bird"}
     review.press(CONFIRM, "unknown", 0.75)       # the prediction
     review.press(SKIP, "sure", 0.75)
     review.press(BACK, "also-sure", 0.75)        # back, to change it
@@ -59,7 +64,7 @@ def test_each_key_labels_the_picture_on_the_screen_and_moves_in_review_order():
     assert shown(review) is None                 # past the last: only Back moves
     review.press("cat", None, 0.75)
     assert shown(review) is None
-    assert review.corrections == {"unsure": "bird", "unknown": "frog", "sure": "horse", "also-sure": "ship"}
+    assert labels_given(review) == {"unsure": "bird", "unknown": "frog", "sure": "horse", "also-sure": "ship"}
     for _ in range(6):
         review.press(BACK, shown(review), 0.75)
     assert shown(review) == "unsure"             # and no further than the first
@@ -153,6 +158,30 @@ def test_pictures_that_arrive_ahead_of_the_view_are_still_shown_before_all_are_r
     review.press(CONFIRM, "c", 0.75)
     assert shown(review) == "late-unsure"
     review.press("frog", "late-unsure", 0.75)
-    assert shown(review) is None and set(review.corrections) == {"a", "b", "c", "late-unsure"}
+    assert shown(review) is None and set(labels_given(review)) == {"a", "b", "c", "late-unsure"}
     add_picture(review, "late-sure", "ship", 0.99)    # after everything was reviewed: the view shows it
     assert shown(review) == "late-sure"
+
+
+def test_a_label_belongs_to_the_picture_not_to_the_input_that_brought_it(classifier, local_server, monkeypatch):
+    """The same picture by URL and by upload is one picture: labelled while its URL listed it, it keeps that label
+    (and counts as reviewed in the one-at-a-time view) once an upload of it lists it instead, or the URL leaves."""
+    monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
+    local_server.routes["/red.png"] = Route(body=RED)
+    url = local_server.url("/red.png")
+    review = Review()
+    review.take_urls([url])
+    read_everything(review, classifier)
+    assert shown(review, 0.0) == f"url-{url}"
+    review.press("frog", f"url-{url}", 0.0)          # its key, while the URL lists it
+    review.take_upload("upload-1", "red copy.png", io.BytesIO(RED))
+    review.take_upload("upload-2", "blue.jpg", io.BytesIO(BLUE))
+    read_everything(review, classifier)
+    [(red_key, red), _] = review.items()
+    assert red_key == "file-upload-1"                # uploads list first: the upload lists the red picture now
+    assert review.final_label(red) == "frog" and review.chosen(red) == "frog"
+    assert shown(review, 0.0) == "file-upload-2"    # the red one has had its key: the view does not go back to it
+    review.take_urls([])                             # the URL leaves the box; the upload of the same picture stays
+    review.label("file-upload-2", SKIP)
+    assert [(prediction.source, prediction.final_label) for prediction in review.predictions("v1")] == [
+        ("red copy.png", "frog")]
