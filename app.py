@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ import streamlit as st
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import charts
@@ -32,8 +34,8 @@ from db import (CLEAR, Person, SettingsError, Store, StoreError, Summary, config
 from display import CARD_SIZE, CLASS_KEYS, code_span, data_url, escape_markdown, keyboard_help
 from inputs import ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, MAX_ZIP_BYTES, ZIP_EXTENSIONS
 from records import SaveResult
-from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, SKIP, UNKNOWN_FLAG, Item, Review, flag,
-                    page_count)
+from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, SKIP, UNKNOWN_FLAG, Item, Review, SessionReviews,
+                    flag, page_count)
 
 COLUMNS = 4
 ONE_AT_A_TIME = "One at a time"
@@ -111,8 +113,6 @@ def export_download(request: Request) -> Response:
 def session_alive(request: Request) -> Response:
     """204 while this server holds the browser session named, 404 when it does not (a page reconnected to it after
     its own server stopped, or after the session expired)."""
-    from streamlit.runtime import Runtime
-
     alive = Runtime.exists() and Runtime.instance().is_active_session(request.path_params["session_id"])
     return Response(status_code=204 if alive else 404)
 
@@ -142,6 +142,25 @@ def tune_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
+@st.cache_resource
+def session_reviews() -> SessionReviews:
+    """Once per server: every session's Review, swept in a thread of its own, so the originals a session spooled
+    leave the disk once the session is gone for good (Streamlit keeps a left session for
+    server.disconnectedSessionTTL seconds, for its browser to reconnect)."""
+    kept = st.get_option("server.disconnectedSessionTTL")
+    every = min(30, max(1, kept))  # seconds between sweeps
+    reviews = SessionReviews(grace_seconds=kept + every)
+    runtime = Runtime.instance()
+
+    def sweep_forever() -> None:
+        while True:
+            time.sleep(every)
+            reviews.sweep(runtime.is_active_session)
+
+    threading.Thread(target=sweep_forever, name="session-reviews-sweep", daemon=True).start()
+    return reviews
+
+
 def classify_page() -> None:
     """The main page, top to bottom."""
     state = st.session_state
@@ -155,6 +174,8 @@ def classify_page() -> None:
     state.setdefault("confirm_clear", False)
     state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
     state.setdefault("review_view", "Cards")
+    if Runtime.exists():  # a server (AppTest runs the page without one)
+        session_reviews().seen(get_script_run_ctx().session_id, state.review)
     state.pop("rerun_page", None)  # this run draws the whole page already
 
     with st.sidebar:

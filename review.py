@@ -6,6 +6,8 @@ drive it directly. No Streamlit here: one `Review` per browser session lives in 
 from __future__ import annotations
 
 import io
+import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
@@ -339,3 +341,34 @@ class Review:
         places = {item.content_hash: item.original for _, item in self.items()}
         spool = self.spool
         return lambda prediction: spool.read(places[prediction.content_hash])
+
+
+class SessionReviews:
+    """Every browser session's Review on one server, so that the originals spooled on disk go with the session.
+    Streamlit keeps a session whose browser left for a while (it may reconnect), then drops it without a word, and
+    the Review, spool and all, lingers until a garbage collection: an abandoned thousand photos would hold the disk.
+    A sweep closes the Review of each session that has not been active for `grace_seconds`."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self._reviews: dict[str, tuple[Review, float]] = {}  # session id -> (its Review, when last seen active)
+        self._lock = threading.Lock()
+
+    def seen(self, session_id: str, review: Review) -> None:
+        """A run of this session, with the Review it has now."""
+        with self._lock:
+            self._reviews[session_id] = (review, time.monotonic())
+
+    def sweep(self, is_active: Callable[[str], bool]) -> int:
+        """Close the Reviews of the sessions gone for longer than the grace; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            gone = []
+            for session_id, (review, last_active) in list(self._reviews.items()):
+                if is_active(session_id):
+                    self._reviews[session_id] = (review, now)
+                elif now - last_active > self.grace_seconds:
+                    gone.append(self._reviews.pop(session_id)[0])
+        for review in gone:
+            review.close()
+        return len(gone)

@@ -4,6 +4,7 @@ action started has ended, the text it shows), never for a fixed time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -200,9 +201,22 @@ def saved_count(page) -> str:
     return page.locator('[data-testid="stSidebar"] [data-testid="stMetricValue"]').first.inner_text()
 
 
+def spool_files(server: StreamlitServer, folder: Path) -> list[str]:
+    """The files in `folder` (the server's TMPDIR) that the server holds open: its sessions' spools of originals."""
+    links = []
+    for descriptor in Path(f"/proc/{server.process.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while listed
+            links.append(os.readlink(descriptor))
+    return [link for link in links if link.startswith(str(folder))]
+
+
 def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
     db_path = tmp_path / "browser.db"
-    store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")}
+    spools = tmp_path / "spools"
+    spools.mkdir()
+    # A session whose browser left is kept 1 s for it to come back (Streamlit's default is 2 minutes).
+    store = {"CIFAR10_DB_PATH": str(db_path), "CIFAR10_IMAGE_DIR": str(tmp_path / "images"), "TMPDIR": str(spools),
+             "STREAMLIT_SERVER_DISCONNECTED_SESSION_TTL": "1"}
     with streamlit_servers(store, [tmp_path / "server.log"]) as [server]:
         page = new_page(browser)
         broken = tmp_path / "broken.jpg"
@@ -257,4 +271,23 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
             assert sorted(name.split("/")[0] for name in archive.namelist() if name != "labels.csv") == sorted(
                 [correction, table_correction])
         page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
+
+        # A second browser with a picture of its own; the first one leaves for good: its spooled originals leave the
+        # disk, the second's stay, and it saves from them.
+        other = new_page(browser)
+        open_app(other, server.url)
+        with app_run(other):
+            other.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
+                pictures(tmp_path, ("grass.png", (30, 160, 40))))
+            other.get_by_text("1 image classified").wait_for(timeout=60_000)
+        assert len(spool_files(server, spools)) == 2
+        page.close()
+        deadline = time.monotonic() + 30
+        while len(spool_files(server, spools)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(spool_files(server, spools)) == 1
+        with app_run(other):
+            other.get_by_role("button", name="Save 1 image").click()
+            other.get_by_text("Saved 1 image").wait_for(timeout=30_000)
+        assert saved_count(other) == "3"
 
