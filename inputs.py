@@ -35,6 +35,10 @@ MAX_FILE_BYTES = 20 * 1024 * 1024
 ZIP_EXTENSIONS = ("zip",)
 MAX_ZIP_BYTES = 2048 * 1024 * 1024
 MAX_ZIP_MEMBERS = 10_000
+# Entries a ZIP may list, folders and hidden files included (macOS adds a `__MACOSX/._` copy of each file): zipfile
+# builds an object for each entry when it opens an archive, before any limit of ours can apply.
+MAX_ZIP_ENTRIES = 3 * MAX_ZIP_MEMBERS
+SIGNATURE_BYTES = 512  # a member's first bytes, enough to tell an image (or what else it is) before reading on
 # What zipfile can inflate, and the names of other methods met in the wild, for the error that refuses them. A
 # member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so is an upload whose members
 # together do (many small members of nothing). Uploads and `python db.py import` check members the same way.
@@ -176,6 +180,15 @@ def read_image_input(data: bytes, source: str) -> ImageInput:
     )
 
 
+def not_an_image(head: bytes, label: str) -> str:
+    """What to say of a file whose first bytes announce no accepted format (what it is, where they tell)."""
+    allowed = ", ".join(ALLOWED_FORMATS)
+    what = _describe_content(head)
+    if what is not None:
+        return f"{label} is {what}, not an accepted image ({allowed})."
+    return f"{label} is not an image in an accepted format ({allowed})."
+
+
 def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
     label = f"'{name}'" if name else "The file"
     if not data:
@@ -183,7 +196,6 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
     if len(data) > MAX_FILE_BYTES:
         raise InvalidImageError(
             f"{label} is {len(data) / 2**20:.1f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB.")
-    allowed = ", ".join(ALLOWED_FORMATS)
     try:
         # catch_warnings changes process-wide state: the lock keeps decoding threads from undoing each other's.
         with _WARNINGS_LOCK, warnings.catch_warnings():
@@ -197,10 +209,7 @@ def _decode(data: bytes, name: str) -> tuple[Image.Image, str]:
         if claimed is not None:
             raise InvalidImageError(f"{label} starts like a {claimed} file but its header is damaged ({error}).") \
                 from error
-        what = _describe_content(data)
-        if what is not None:
-            raise InvalidImageError(f"{label} is {what}, not an accepted image ({allowed}).") from error
-        raise InvalidImageError(f"{label} is not an image in an accepted format ({allowed}).") from error
+        raise InvalidImageError(not_an_image(data, label)) from error
     width, height = image.size
     if width * height > MAX_PIXELS or width < 1 or height < 1:
         raise InvalidImageError(
@@ -275,6 +284,11 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
     clutter, passed over. Whether a member is an image is for the decoder to say, by content, as for any upload."""
     size = archive_file.seek(0, io.SEEK_END)
     try:
+        entries = zip_entry_count(archive_file)
+        if entries > MAX_ZIP_ENTRIES:
+            yield name, None, (f"'{name}' lists {entries:,} entries; a ZIP may list at most {MAX_ZIP_ENTRIES:,} (files, "
+                               "folders and the hidden files of macOS).")
+            return
         archive = zipfile.ZipFile(archive_file)
     except (zipfile.BadZipFile, OSError, ValueError) as error:
         yield name, None, f"'{name}' is not a readable ZIP archive ({error})."
@@ -299,10 +313,23 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
                 continue
             try:
                 with archive.open(info) as member:
-                    yield shown, member.read(MAX_FILE_BYTES + 1), None
+                    head = member.read(SIGNATURE_BYTES)  # what it is, before the rest is inflated and kept
+                    if _accepted_format_by_signature(head) is None:
+                        yield shown, None, not_an_image(head, f"'{shown}'")
+                        continue
+                    yield shown, head + member.read(MAX_FILE_BYTES + 1 - len(head)), None
             except MEMBER_ERRORS as error:
                 yield shown, None, (f"'{name}': member {info.filename!r} cannot be read "
                                     f"({error or type(error).__name__}); it was left out.")
+
+
+def zip_entry_count(archive_file: BinaryIO) -> int:
+    """How many entries a ZIP's central directory lists, read from its end record (ZIP64 too) without reading the
+    directory itself. Raises BadZipFile where there is no end record."""
+    end = zipfile._EndRecData(archive_file)  # noqa: SLF001 (the standard library's reader of that record)
+    if end is None:
+        raise zipfile.BadZipFile("File is not a zip file")
+    return end[zipfile._ECD_ENTRIES_TOTAL]  # noqa: SLF001
 
 
 def zip_member_problem(info: zipfile.ZipInfo, limit: int) -> str:
@@ -346,6 +373,11 @@ class Spool:
             written = os.pwrite(self._file.fileno(), view, at)
             view, at = view[written:], at + written
         return offset, len(data)
+
+    @property
+    def size(self) -> int:
+        """Bytes kept so far."""
+        return self._size
 
     def read(self, place: tuple[int, int]) -> bytes:
         offset, length = place

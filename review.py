@@ -29,6 +29,8 @@ LABEL_CHOICES = (*CLASSES, SKIP)
 CONFIRM, BACK = "confirm", "back"  # the one-at-a-time view's other moves (besides the ten classes and SKIP)
 BATCH = 32  # pictures decoded (on every core) and classified together
 URL_THREADS = 16  # URLs fetched at once, each with its own deadline
+# Originals one page keeps on disk until Save and Clear all: about 1,500 photos of 12 megapixels.
+MAX_SPOOL_BYTES = 10 * 2**30
 UNKNOWN_FLAG = "maybe none of these classes"
 LOW_CONFIDENCE_FLAG = "low confidence"
 
@@ -113,9 +115,15 @@ class Review:
     # ------------------------------------------------------------ inputs
 
     def queue(self, key: str, source: str, data: bytes) -> None:
-        """Keep an input's bytes in the spool, to be decoded and classified in a batch."""
+        """Keep an input's bytes in the spool, to be decoded and classified in a batch; past the page's limit of
+        MAX_SPOOL_BYTES, say so instead."""
         if self.spool is None:
             self.spool = Spool()
+        if self.spool.size + len(data) > MAX_SPOOL_BYTES:
+            self.results[key] = (f"'{source}' was left out: this page already holds {self.spool.size / 2**30:.1f} GB "
+                                 f"of pictures, and may hold {MAX_SPOOL_BYTES / 2**30:.0f} GB. Save them, then Clear "
+                                 "all, and upload the rest.")
+            return
         self.pending.append(Pending(key, source, self.spool.add(data)))
         self.queued += 1
 

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
+import tracemalloc
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 from classifier import Prediction
 from conftest import Route, image_bytes
+import review as review_module
+from inputs import MAX_ZIP_ENTRIES, zip_images
 from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review
 
 RED = image_bytes("PNG", size=(40, 30), color=(220, 20, 20))
@@ -185,3 +190,54 @@ def test_a_label_belongs_to_the_picture_not_to_the_input_that_brought_it(classif
     review.label("file-upload-2", SKIP)
     assert [(prediction.source, prediction.final_label) for prediction in review.predictions("v1")] == [
         ("red copy.png", "frog")]
+
+
+def zip_of(members: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_zip_member_that_is_no_image_is_named_and_never_spooled():
+    """Whether a member is an image its first bytes say: one that is not (a text, a megabyte of noise) is left out
+    with its name and what it is, before the rest of it is inflated and kept on disk."""
+    review = Review()
+    noise = random.Random(0).randbytes(1 << 20)
+    review.take_upload("1", "mixed.zip", zip_of({"noise.png": noise, "red.png": RED, "notes.txt": b"shopping list"}))
+    assert review.spool.size == len(RED)
+    assert [pending.source for pending in review.pending] == ["mixed.zip/red.png"]
+    errors = review.errors()
+    assert len(errors) == 2
+    assert any(error.startswith("'mixed.zip/noise.png' is not an image") for error in errors)
+    assert any(error.startswith("'mixed.zip/notes.txt' is a text file, not an accepted image") for error in errors)
+
+
+def test_a_zip_listing_more_entries_than_a_page_may_take_is_refused_before_its_directory_is_read():
+    """A few megabytes of ZIP can list a million empty entries, and zipfile builds an object for each when it opens
+    the archive (607 MB for a million): the count in the archive's last record is checked first."""
+    archive = zip_of({f"{index}.png": b"" for index in range(MAX_ZIP_ENTRIES + 1)})
+    tracemalloc.start()
+    try:
+        results = list(zip_images(archive, "many.zip"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert results == [("many.zip", None, f"'many.zip' lists {MAX_ZIP_ENTRIES + 1:,} entries; a ZIP may list at most "
+                                          f"{MAX_ZIP_ENTRIES:,} (files, folders and the hidden files of macOS).")]
+    assert peak < 2 << 20, f"{peak / 2**20:.1f} MB held to refuse it"
+
+
+def test_a_page_holds_at_most_its_spool_limit_of_originals(monkeypatch):
+    """Uploads are kept on disk until Save and Clear all: one page may not fill the server's disk. What would pass
+    the limit is named, and the pictures already on the page stay."""
+    monkeypatch.setattr(review_module, "MAX_SPOOL_BYTES", len(RED) + len(BLUE))
+    review = Review()
+    for upload_id, name, data in (("1", "red.png", RED), ("2", "blue.jpg", BLUE), ("3", "green.png", GREEN)):
+        review.take_upload(upload_id, name, io.BytesIO(data))
+    assert [pending.source for pending in review.pending] == ["red.png", "blue.jpg"]
+    [error] = review.errors()
+    assert error.startswith("'green.png' was left out: this page already holds")
+    assert review.spool.size == len(RED) + len(BLUE)
