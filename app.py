@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ PICTURE_WIDTH = 440  # pixels: the one-at-a-time view's picture on the page
 # it knows they went with an earlier session (the page was reloaded, or its server stopped and the browser was sent to
 # another one behind the balancer), and says so.
 UNSAVED_PARAM = "unsaved"
+SESSION_ID_BYTES = 64  # more than a session id (a UUID) takes: /session-alive reads no further
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", iter_zip),
     "cifar10_feedback.csv": ("text/csv", iter_csv),
@@ -78,7 +80,7 @@ if (!window.reloadsWhenSessionIsGone) {
     constructor(...args) {
       super(...args);
       this.addEventListener("open", async () => {
-        const answer = await fetch("/session-alive/" + window.appSessionId, {cache: "no-store"});
+        const answer = await fetch("/session-alive", {method: "POST", body: window.appSessionId, cache: "no-store"});
         if (answer.status === 404) location.reload();
       });
     }
@@ -110,17 +112,24 @@ def export_download(request: Request) -> Response:
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-def session_alive(request: Request) -> Response:
+async def session_alive(request: Request) -> Response:
     """204 while this server holds the browser session named, 404 when it does not (a page reconnected to it after
-    its own server stopped, or after the session expired)."""
-    alive = Runtime.exists() and Runtime.instance().is_active_session(request.path_params["session_id"])
+    its own server stopped, or after the session expired). The id comes in the body, never in the address: addresses
+    end up in logs (the balancer's among them), and without sign-in a session's id is all it takes to resume it."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > SESSION_ID_BYTES:
+            return Response(status_code=413)
+    session_id = body.decode("ascii", errors="replace")
+    alive = Runtime.exists() and Runtime.instance().is_active_session(session_id)
     return Response(status_code=204 if alive else 404)
 
 
 # `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads and
-# /session-alive/<id> for the pages' reconnections.
+# /session-alive for the pages' reconnections.
 app = st.App(__file__, routes=[Route("/export/{name}", export_download),
-                               Route("/session-alive/{session_id}", session_alive)])
+                               Route("/session-alive", session_alive, methods=["POST"])])
 
 
 # ---------------------------------------------------------------- the main page
@@ -165,11 +174,8 @@ def classify_page() -> None:
     """The main page, top to bottom."""
     state = st.session_state
     person = signin.current_person()
-    if "review" not in state:  # a new session
-        report_lost_pictures()
     state.setdefault("nonce", 0)          # part of every input widget key: bumping it resets the page
     state.setdefault("upload_round", 0)   # part of the uploader's key: bumped once its files are read
-    state.setdefault("review", Review())  # the pictures, their labels, the queue, the review's place
     state.setdefault("flash", None)
     state.setdefault("confirm_clear", False)
     state.setdefault("undo", None)        # the last save or delete (db.Change), shared with History
@@ -207,18 +213,22 @@ def classify_page() -> None:
 
 
 def report_lost_pictures() -> None:
+    """On a session's first run, on either page: what its address says the session before it lost."""
     lost = st.query_params.get(UNSAVED_PARAM, "")
-    if lost.isdigit() and int(lost):
+    if re.fullmatch(r"[0-9]{1,6}", lost) and int(lost):  # ASCII digits only, and a count a page can hold
         one = int(lost) == 1
-        st.session_state.flash = (
-            "warning", f"{plural(int(lost), 'picture')} on this page had not been saved and "
-                       f"{'is gone, with its label' if one else 'are gone, with their labels'}: the page was "
-                       "reloaded, or the server that held it stopped. What was saved is safe (the sidebar counts it, "
-                       f"History lists it). Upload {'it' if one else 'them'} again.")
+        st.warning(f"{plural(int(lost), 'picture')} on this page had not been saved and "
+                   f"{'is gone, with its label' if one else 'are gone, with their labels'}: the page was reloaded, or "
+                   "the server that held it stopped. What was saved is safe (the sidebar counts it, History lists "
+                   f"it). Upload {'it' if one else 'them'} again.", icon=":material/warning:")
 
 
 def mark_unsaved_in_address() -> None:
-    count = st.session_state.review.unsaved()
+    """The address carries how many pictures the page would lose with its session, for report_lost_pictures: the
+    store is asked which labels it holds, so a Save, an Undo, a Delete or a Clear by anyone counts."""
+    review = st.session_state.review
+    stored = {content_hash: record.final_label for content_hash, record in saved_before(review.to_save()).items()}
+    count = review.unsaved(stored)
     if st.query_params.get(UNSAVED_PARAM) != (str(count) if count else None):
         if count:
             st.query_params[UNSAVED_PARAM] = str(count)
@@ -638,7 +648,6 @@ def save_all(model_version: str) -> None:
         state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
                                 "again once that is fixed.")
         return
-    review.saved()
     state.flash = ("success", saved_message(result, skipped=len(review.items()) - len(predictions)))
     if result.change is not None:
         state.undo = result.change
@@ -664,8 +673,6 @@ def undo_last() -> None:
     except StoreError as error:
         state.flash = ("error", f"Nothing was undone: {escape_markdown(str(error))}")
         return
-    if not state.undo.deleted:  # a Save taken back: the page's pictures are unsaved again
-        state.review.saved_labels.clear()
     state.undo = None
 
 
@@ -691,6 +698,12 @@ if __name__ == "__main__":
     else:
         signin.sidebar(person)
         st.html(RELOAD_WHEN_SESSION_IS_GONE % get_script_run_ctx().session_id, unsafe_allow_javascript=True)
+        if "review" not in st.session_state:  # a new session
+            report_lost_pictures()
+            st.session_state.review = Review()  # the pictures, their labels, the queue, the review's place
+        # On either page (a switch of page leaves the address without it), after the callbacks (a Save, an Undo, a
+        # Delete) and before a page can stop the run; the review marks it again once it has read more pictures.
+        mark_unsaved_in_address()
         st.navigation([
             st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
             st.Page("pages/1_History.py", title="History", icon=":material/history:"),

@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -104,7 +104,6 @@ class Review:
         self.at_index = 0                  # its place, which stays when that picture leaves the page
         self.page = 1                      # the page of Cards and Table
         self.urls: list[str] = []          # the URL box's, in its order
-        self.saved_labels: dict[str, str] = {}  # content hash -> the label a Save from this page stored
 
     def close(self) -> None:
         """Forget the spooled originals (the temporary file goes)."""
@@ -334,14 +333,11 @@ class Review:
                               thumbnail=item.thumbnail)
                 for _, item in self.to_save()]
 
-    def saved(self) -> None:
-        """A Save of to_save() committed: those pictures' labels are in the store."""
-        self.saved_labels.update({item.content_hash: self.final_label(item) for _, item in self.to_save()})
-
-    def unsaved(self) -> int:
+    def unsaved(self, stored_labels: Mapping[str, str]) -> int:
         """How many pictures the page would lose with this session: those still being read, and those whose label
-        no Save from this page has stored (pictures marked skip are not counted: nobody meant to save them)."""
-        return len(self.pending) + sum(self.saved_labels.get(item.content_hash) != self.final_label(item)
+        the store does not hold (content hash -> its label there); pictures marked skip are not counted, nobody
+        meant to save them."""
+        return len(self.pending) + sum(stored_labels.get(item.content_hash) != self.final_label(item)
                                        for _, item in self.to_save())
 
     def original_reader(self) -> Callable[[NewPrediction], bytes]:

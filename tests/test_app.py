@@ -212,9 +212,18 @@ def test_clear_all_empties_the_page_and_keeps_the_database(store_env):
     assert len(rows(db_path)) == 2
 
 
+def session_after(app: AppTest) -> AppTest:
+    """A new session at the address this one shows (the page reloaded, or its server died behind the balancer)."""
+    after = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    if app.query_params.get("unsaved"):
+        after.query_params["unsaved"] = app.query_params["unsaved"]
+    return after
+
+
 def test_a_new_session_says_the_unsaved_pictures_of_the_old_one_are_gone(store_env):
-    """The page's address counts the pictures a lost session would take with it (a reload, or a server that died
-    behind the balancer); a session that starts at that address says so, once."""
+    """The page's address counts the pictures a lost session would take with it: still being read, or with a label
+    the store does not hold, whoever saved, undid, deleted or cleared. A session that starts at that address, on
+    either page, says so, once."""
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("green.png", GREEN, "image/png")])
     assert app.query_params.get("unsaved") == "3"
@@ -228,8 +237,7 @@ def test_a_new_session_says_the_unsaved_pictures_of_the_old_one_are_gone(store_e
     app.run()
     assert app.query_params.get("unsaved") == "1"
 
-    after_the_loss = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    after_the_loss.query_params.update(app.query_params)
+    after_the_loss = session_after(app)
     after_the_loss.run()
     [warning] = after_the_loss.warning
     assert shown(warning.value).startswith("1 picture on this page had not been saved and is gone, with its label")
@@ -238,16 +246,35 @@ def test_a_new_session_says_the_unsaved_pictures_of_the_old_one_are_gone(store_e
     after_the_loss.run()
     assert not after_the_loss.warning  # said once
 
-    click(app, "Undo last change")  # the save taken back: all of it is unsaved again
+    click(app, "Save 2 images")  # red's new label stored; then that Save undone: red's old label is back, blue stays
+    click(app, "Undo last change")
+    assert app.query_params.get("unsaved") == "1"
+
+    app.switch_page("pages/1_History.py")
+    app.run()
+    for _ in range(2):  # both records deleted on History: nothing of the page is stored
+        app.button(key=next(button.key for button in app.button if (button.key or "").startswith("delete-"))).click()
+        app.run()
+    app.switch_page("app.py")
+    app.run()
     assert app.query_params.get("unsaved") == "2"
-    two_lost = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    two_lost.query_params.update(app.query_params)
+    two_lost = session_after(app)
     two_lost.run()
     assert shown(two_lost.warning[0].value).startswith(
         "2 pictures on this page had not been saved and are gone, with their labels")
     assert shown(two_lost.warning[0].value).endswith("Upload them again.")
     click(app, "Clear all")
     assert "unsaved" not in app.query_params
+
+
+@pytest.mark.parametrize("hostile", ["²", "٣", "9" * 5000, "-1", "1e3", "3\n**x**", "99999999999"])
+def test_an_address_with_a_hostile_unsaved_count_says_nothing_and_breaks_nothing(store_env, hostile):
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    app.query_params["unsaved"] = hostile
+    app.run()
+    assert not app.exception and not app.warning
+    app.run()
+    assert not app.exception and app.title[0].value == "CIFAR-10 image classifier"
 
 
 def test_urls_are_fetched_and_bad_ones_report_themselves(store_env, local_server, monkeypatch):

@@ -83,8 +83,8 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         sign_in(bob, balancer, BOB)
         assert (server_of(alice), server_of(bob)) == ("s1", "s2")
         session = alice.evaluate("window.appSessionId")  # what her page asks after a reconnection
-        assert alice.request.get(f"{balancer}/session-alive/{session}").status == 204
-        assert bob.request.get(f"{balancer}/session-alive/{session}").status == 404  # not on Bob's server
+        assert alice.request.post(f"{balancer}/session-alive", data=session).status == 204
+        assert bob.request.post(f"{balancer}/session-alive", data=session).status == 404  # not on Bob's server
         upload_and_save(alice, tmp_path, "red.png", (220, 20, 20))
         open_app(bob)  # a new run on the other server sees Alice's save
         assert saved_count(bob) == "1"
@@ -104,22 +104,31 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         assert response.status == 200
         assert len(zipfile.ZipFile(io.BytesIO(response.body())).namelist()) == 3  # two images and labels.csv
 
-        # Alice has a picture on the page, not saved, when her server dies.
+        # Alice has a picture on the page, not saved, and is looking at History when her server dies.
         with app_run(alice):
             alice.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
                 pictures(tmp_path, ("grass.png", (30, 160, 40))))
             alice.get_by_text("1 image classified").wait_for(timeout=60_000)
+        with app_run(alice):
+            alice.get_by_role("link", name="History").click()
+            alice.get_by_text("2 of 2 saved images match").wait_for(timeout=30_000)
         first.process.kill()
         # Her page reconnects to the second server, which does not have her session: the page loads again there,
-        # still signed in, with every save, and says plainly that the picture that was on it is gone.
+        # still signed in, and says plainly that the picture that was on the other page is gone.
         alice.get_by_text("1 picture on this page had not been saved and is gone").wait_for(timeout=60_000)
         wait_for_run(alice, 0)
         assert server_of(alice) == "s2"
         assert f"Signed in as {ALICE}" in alice.locator('[data-testid="stSidebar"]').inner_text()
-        assert saved_count(alice) == "2"
+        with app_run(alice):
+            alice.get_by_role("link", name="Classify").click()
+        assert saved_count(alice) == "2"  # every save, by anyone, on any server
         upload_and_save(alice, tmp_path, "grass.png", (30, 160, 40))
         assert saved_count(alice) == "3"
         haproxy.wait_for("DOWN", ["s1"])
+        # The pages asked after their sessions through the balancer, whose log never holds a session's id: without
+        # sign-in, an id is all it takes to resume a session.
+        balancer_log = haproxy.log()
+        assert "/session-alive" in balancer_log and session not in balancer_log
         # Both on one server now, each is still themselves: their own name and their own count beside the store's.
         open_app(bob, balancer)
         assert server_of(bob) == "s2"
