@@ -153,7 +153,7 @@ def apptest_interactions(env: dict[str, str], uploads: list[tuple[str, bytes, st
 def streamlit_server(env: dict[str, str], log: Path):
     """`streamlit run app.py` on a free port with this store; yields its address and its process."""
     from servers import free_port
-    from test_browser import wait_until_up
+    from test_browser import StreamlitServer, wait_until_up
 
     port = free_port()
     with open(log, "wb") as output:
@@ -164,7 +164,7 @@ def streamlit_server(env: dict[str, str], log: Path):
             cwd=ROOT, env={**os.environ, **env}, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(server, url, log, time.monotonic() + 120)
+        wait_until_up(StreamlitServer(url, server), log, time.monotonic() + 120)
         yield url, server
     finally:
         server.terminate()
@@ -175,7 +175,7 @@ def streamlit_server(env: dict[str, str], log: Path):
 def chromium_page():
     from playwright.sync_api import sync_playwright
 
-    from test_browser import CHROMIUM
+    from conftest import CHROMIUM
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
