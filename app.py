@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import re
 import threading
 import time
@@ -48,6 +49,7 @@ PICTURE_WIDTH = 440  # pixels: the one-at-a-time view's picture on the page
 # it knows they went with an earlier session (the page was reloaded, or its server stopped and the browser was sent to
 # another one behind the balancer), and says so.
 UNSAVED_PARAM = "unsaved"
+SWEEP_SECONDS = 30  # at most, between two sweeps of the spools of sessions gone for good
 SESSION_ID_BYTES = 64  # more than a session id (a UUID) takes: /session-alive reads no further
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", iter_zip),
@@ -112,6 +114,12 @@ def export_download(request: Request) -> Response:
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
+def session_alive_before(request: Request) -> Response:
+    """Pages loaded before the id went into the body ask GET /session-alive/<id>; the server they asked then has
+    restarted since, so their session is gone."""
+    return Response(status_code=404)
+
+
 async def session_alive(request: Request) -> Response:
     """204 while this server holds the browser session named, 404 when it does not (a page reconnected to it after
     its own server stopped, or after the session expired). The id comes in the body, never in the address: addresses
@@ -129,7 +137,8 @@ async def session_alive(request: Request) -> Response:
 # `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads and
 # /session-alive for the pages' reconnections.
 app = st.App(__file__, routes=[Route("/export/{name}", export_download),
-                               Route("/session-alive", session_alive, methods=["POST"])])
+                               Route("/session-alive", session_alive, methods=["POST"]),
+                               Route("/session-alive/{session_id}", session_alive_before)])
 
 
 # ---------------------------------------------------------------- the main page
@@ -154,17 +163,22 @@ def tune_memory() -> None:
 @st.cache_resource
 def session_reviews() -> SessionReviews:
     """Once per server: every session's Review, swept in a thread of its own, so the originals a session spooled
-    leave the disk once the session is gone for good (Streamlit keeps a left session for
+    leave the disk once Streamlit holds the session no more (it keeps a left session for
     server.disconnectedSessionTTL seconds, for its browser to reconnect)."""
-    kept = st.get_option("server.disconnectedSessionTTL")
-    every = min(30, max(1, kept))  # seconds between sweeps
-    reviews = SessionReviews(grace_seconds=kept + every)
-    runtime = Runtime.instance()
+    reviews = SessionReviews()
+    every = min(SWEEP_SECONDS, max(1, st.get_option("server.disconnectedSessionTTL")))
+    # Only the session manager knows the sessions kept for a reconnection; AppTest's stand-in runtime has none.
+    sessions = getattr(Runtime.instance(), "_session_mgr", None)
+    if sessions is None:
+        return reviews
 
     def sweep_forever() -> None:
         while True:
             time.sleep(every)
-            reviews.sweep(runtime.is_active_session)
+            try:
+                reviews.sweep(lambda session_id: sessions.get_session_info(session_id) is not None)
+            except Exception:  # the next sweep tries again
+                logging.getLogger(__name__).exception("sweeping the sessions' spools failed")
 
     threading.Thread(target=sweep_forever, name="session-reviews-sweep", daemon=True).start()
     return reviews
@@ -223,11 +237,24 @@ def report_lost_pictures() -> None:
                    f"it). Upload {'it' if one else 'them'} again.", icon=":material/warning:")
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def stored_labels(store_id: str, revision: int, content_hashes: tuple[str, ...], _store: Store) -> dict[str, str]:
+    """content hash -> the label the store holds, for these pictures: asked again only when the store changes, not
+    at every key."""
+    return {content_hash: record.final_label
+            for content_hash, record in _store.find_saved(list(content_hashes)).items()}
+
+
 def mark_unsaved_in_address() -> None:
     """The address carries how many pictures the page would lose with its session, for report_lost_pictures: the
     store is asked which labels it holds, so a Save, an Undo, a Delete or a Clear by anyone counts."""
     review = st.session_state.review
-    stored = {content_hash: record.final_label for content_hash, record in saved_before(review.to_save()).items()}
+    try:
+        store = open_store()
+        stored = stored_labels(store.store_id, store.revision(),
+                               tuple(item.content_hash for _, item in review.to_save()), store)
+    except StoreError:
+        stored = {}  # the store cannot say: every picture counts as unsaved (the sidebar says what is wrong)
     count = review.unsaved(stored)
     if st.query_params.get(UNSAVED_PARAM) != (str(count) if count else None):
         if count:
@@ -388,7 +415,7 @@ def read_queue(classifier: Classifier, status) -> None:
         return
     started = time.monotonic()
     progress = status.progress(0.0, text=f"Reading {plural(review.queued, 'image')}...")
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+    with review.in_use(), ThreadPoolExecutor(DECODE_THREADS) as pool:
         while review.pending and time.monotonic() - started < RUN_SECONDS:
             done, queued = review.classify_next(classifier.predict, pool)
             progress.progress(done / queued, text=f"Read and classified {done:,} of {queued:,} images")
@@ -643,7 +670,8 @@ def save_all(model_version: str) -> None:
         state.flash = ("error", "Nothing was saved: sign in first. Your labels are kept.")
         return
     try:
-        result = open_store().save_predictions(predictions, original=review.original_reader(), by=person.email)
+        with review.in_use():
+            result = open_store().save_predictions(predictions, original=review.original_reader(), by=person.email)
     except StoreError as error:
         state.flash = ("error", f"Nothing was saved: {escape_markdown(str(error))} Your labels are kept: press Save "
                                 "again once that is fixed.")

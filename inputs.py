@@ -8,6 +8,7 @@ import io
 import lzma
 import os
 import re
+import struct
 import tempfile
 import threading
 import time
@@ -38,6 +39,7 @@ MAX_ZIP_MEMBERS = 10_000
 # Entries a ZIP may list, folders and hidden files included (macOS adds a `__MACOSX/._` copy of each file): zipfile
 # builds an object for each entry when it opens an archive, before any limit of ours can apply.
 MAX_ZIP_ENTRIES = 3 * MAX_ZIP_MEMBERS
+CENTRAL_HEADER_BYTES = 46  # the fixed part of an entry of a ZIP's central directory
 SIGNATURE_BYTES = 512  # a member's first bytes, enough to tell an image (or what else it is) before reading on
 # What zipfile can inflate, and the names of other methods met in the wild, for the error that refuses them. A
 # member that inflates more than this ratio (past 1 MB) is a bomb, not a photo, and so is an upload whose members
@@ -284,9 +286,8 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
     clutter, passed over. Whether a member is an image is for the decoder to say, by content, as for any upload."""
     size = archive_file.seek(0, io.SEEK_END)
     try:
-        entries = zip_entry_count(archive_file)
-        if entries > MAX_ZIP_ENTRIES:
-            yield name, None, (f"'{name}' lists {entries:,} entries; a ZIP may list at most {MAX_ZIP_ENTRIES:,} (files, "
+        if zip_entry_count(archive_file, MAX_ZIP_ENTRIES) > MAX_ZIP_ENTRIES:
+            yield name, None, (f"'{name}' lists more than {MAX_ZIP_ENTRIES:,} entries, the most a ZIP may list (files, "
                                "folders and the hidden files of macOS).")
             return
         archive = zipfile.ZipFile(archive_file)
@@ -323,13 +324,27 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
                                     f"({error or type(error).__name__}); it was left out.")
 
 
-def zip_entry_count(archive_file: BinaryIO) -> int:
-    """How many entries a ZIP's central directory lists, read from its end record (ZIP64 too) without reading the
-    directory itself. Raises BadZipFile where there is no end record."""
+def zip_entry_count(archive_file: BinaryIO, limit: int) -> int:
+    """How many entries a ZIP's central directory holds, counted header by header up to `limit` + 1: zipfile reads
+    the whole directory, by the size the archive's end record gives (ZIP64 too), and builds an object for each
+    entry, whatever count that record claims. Raises BadZipFile where there is no end record."""
     end = zipfile._EndRecData(archive_file)  # noqa: SLF001 (the standard library's reader of that record)
     if end is None:
         raise zipfile.BadZipFile("File is not a zip file")
-    return end[zipfile._ECD_ENTRIES_TOTAL]  # noqa: SLF001
+    size = end[zipfile._ECD_SIZE]  # noqa: SLF001
+    start = end[zipfile._ECD_LOCATION] - size  # noqa: SLF001 (where zipfile reads it, after any prepended data)
+    if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # noqa: SLF001
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+    count, at = 0, 0
+    while count <= limit and at + CENTRAL_HEADER_BYTES <= size:
+        archive_file.seek(start + at)
+        header = archive_file.read(CENTRAL_HEADER_BYTES)
+        if len(header) < CENTRAL_HEADER_BYTES or not header.startswith(zipfile.stringCentralDir):
+            break  # zipfile stops here too, with an error of its own
+        name, extra, comment = struct.unpack("<HHH", header[28:34])
+        at += CENTRAL_HEADER_BYTES + name + extra + comment
+        count += 1
+    return count
 
 
 def zip_member_problem(info: zipfile.ZipInfo, limit: int) -> str:

@@ -5,12 +5,12 @@ drive it directly. No Streamlit here: one `Review` per browser session lives in 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
-import time
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
 
@@ -104,12 +104,29 @@ class Review:
         self.at_index = 0                  # its place, which stays when that picture leaves the page
         self.page = 1                      # the page of Cards and Table
         self.urls: list[str] = []          # the URL box's, in its order
+        self._use = threading.Lock()       # see in_use
 
     def close(self) -> None:
         """Forget the spooled originals (the temporary file goes)."""
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held while a Save or a read uses the spool, so that a sweep never closes it under them."""
+        with self._use:
+            yield
+
+    def close_if_idle(self) -> bool:
+        """Close, unless a Save or a read holds the page; returns whether it closed."""
+        if not self._use.acquire(blocking=False):
+            return False
+        try:
+            self.close()
+        finally:
+            self._use.release()
+        return True
 
     # ------------------------------------------------------------ inputs
 
@@ -351,28 +368,26 @@ class SessionReviews:
     """Every browser session's Review on one server, so that the originals spooled on disk go with the session.
     Streamlit keeps a session whose browser left for a while (it may reconnect), then drops it without a word, and
     the Review, spool and all, lingers until a garbage collection: an abandoned thousand photos would hold the disk.
-    A sweep closes the Review of each session that has not been active for `grace_seconds`."""
+    A sweep closes the Review of each session Streamlit holds no more, unless a Save or a read is using it."""
 
-    def __init__(self, grace_seconds: float) -> None:
-        self.grace_seconds = grace_seconds
-        self._reviews: dict[str, tuple[Review, float]] = {}  # session id -> (its Review, when last seen active)
+    def __init__(self) -> None:
+        self._reviews: dict[str, Review] = {}  # session id -> its Review
         self._lock = threading.Lock()
 
     def seen(self, session_id: str, review: Review) -> None:
         """A run of this session, with the Review it has now."""
         with self._lock:
-            self._reviews[session_id] = (review, time.monotonic())
+            self._reviews[session_id] = review
 
-    def sweep(self, is_active: Callable[[str], bool]) -> int:
-        """Close the Reviews of the sessions gone for longer than the grace; returns how many."""
-        now = time.monotonic()
+    def sweep(self, held: Callable[[str], bool]) -> int:
+        """Close the Reviews of the sessions that `held` says are gone for good; returns how many."""
         with self._lock:
-            gone = []
-            for session_id, (review, last_active) in list(self._reviews.items()):
-                if is_active(session_id):
-                    self._reviews[session_id] = (review, now)
-                elif now - last_active > self.grace_seconds:
-                    gone.append(self._reviews.pop(session_id)[0])
-        for review in gone:
-            review.close()
-        return len(gone)
+            gone = [(session_id, review) for session_id, review in self._reviews.items() if not held(session_id)]
+        closed = 0
+        for session_id, review in gone:
+            if review.close_if_idle():  # else the next sweep
+                with self._lock:
+                    if self._reviews.get(session_id) is review:
+                        del self._reviews[session_id]
+                closed += 1
+        return closed

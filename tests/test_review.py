@@ -7,15 +7,18 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import struct
 import tracemalloc
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from classifier import Prediction
 from conftest import Route, image_bytes
 import review as review_module
 from inputs import MAX_ZIP_ENTRIES, zip_images
-from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review
+from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review, SessionReviews
 
 RED = image_bytes("PNG", size=(40, 30), color=(220, 20, 20))
 BLUE = image_bytes("JPEG", size=(40, 30), color=(20, 40, 220))
@@ -215,19 +218,37 @@ def test_a_zip_member_that_is_no_image_is_named_and_never_spooled():
     assert any(error.startswith("'mixed.zip/notes.txt' is a text file, not an accepted image") for error in errors)
 
 
-def test_a_zip_listing_more_entries_than_a_page_may_take_is_refused_before_its_directory_is_read():
+def lying_about_its_count(archive: io.BytesIO) -> io.BytesIO:
+    """The same ZIP with its end record claiming a single entry (zipfile reads the directory by its size anyway)."""
+    data = bytearray(archive.getvalue())
+    end = data.rindex(b"PK\x05\x06")
+    data[end + 8:end + 12] = struct.pack("<HH", 1, 1)  # entries on this disk, entries in all
+    return io.BytesIO(bytes(data))
+
+
+@pytest.mark.parametrize("end_record", ["honest", "lying"])
+def test_a_zip_listing_more_entries_than_a_page_may_take_is_refused_before_its_directory_is_read(end_record):
     """A few megabytes of ZIP can list a million empty entries, and zipfile builds an object for each when it opens
-    the archive (607 MB for a million): the count in the archive's last record is checked first."""
+    the archive (607 MB for a million): the directory's entries are counted first, header by header, whatever the
+    archive's end record claims."""
     archive = zip_of({f"{index}.png": b"" for index in range(MAX_ZIP_ENTRIES + 1)})
+    if end_record == "lying":
+        archive = lying_about_its_count(archive)
     tracemalloc.start()
     try:
         results = list(zip_images(archive, "many.zip"))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert results == [("many.zip", None, f"'many.zip' lists {MAX_ZIP_ENTRIES + 1:,} entries; a ZIP may list at most "
-                                          f"{MAX_ZIP_ENTRIES:,} (files, folders and the hidden files of macOS).")]
+    assert results == [("many.zip", None, f"'many.zip' lists more than {MAX_ZIP_ENTRIES:,} entries, the most a ZIP "
+                                          "may list (files, folders and the hidden files of macOS).")]
     assert peak < 2 << 20, f"{peak / 2**20:.1f} MB held to refuse it"
+
+
+def test_a_zip_whose_end_record_lies_about_a_few_entries_is_read_whole():
+    archive = lying_about_its_count(zip_of({"red.png": RED, "blue.jpg": BLUE}))
+    assert [(name, error) for name, _, error in zip_images(archive, "two.zip")] == [
+        ("two.zip/red.png", None), ("two.zip/blue.jpg", None)]
 
 
 def test_a_page_holds_at_most_its_spool_limit_of_originals(monkeypatch):
@@ -241,3 +262,23 @@ def test_a_page_holds_at_most_its_spool_limit_of_originals(monkeypatch):
     [error] = review.errors()
     assert error.startswith("'green.png' was left out: this page already holds")
     assert review.spool.size == len(RED) + len(BLUE)
+
+
+def test_a_session_s_originals_go_once_streamlit_holds_it_no_more_and_never_under_a_save():
+    """The sweep closes the spool of a session Streamlit dropped, not of one it keeps for a reconnection, and not
+    while a Save or a read still uses it (then the next sweep does)."""
+    sessions = SessionReviews()
+    kept, gone, saving = Review(), Review(), Review()
+    for session_id, review in (("kept", kept), ("gone", gone), ("saving", saving)):
+        review.queue("file-1", "red.png", RED)
+        sessions.seen(session_id, review)
+    held = {"kept"}.__contains__
+    with saving.in_use():
+        assert sessions.sweep(held) == 1
+        assert gone.spool is None and kept.spool.read((0, len(RED))) == RED and saving.spool is not None
+    assert sessions.sweep(held) == 1 and saving.spool is None
+    assert sessions.sweep(held) == 0 and kept.spool is not None
+    replaced = Review()  # Clear all gives the session a new Review: that one is the session's now
+    replaced.queue("file-2", "blue.jpg", BLUE)
+    sessions.seen("kept", replaced)
+    assert sessions.sweep(lambda session_id: False) == 1 and replaced.spool is None and kept.spool is not None

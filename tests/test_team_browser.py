@@ -85,6 +85,7 @@ def test_a_team_signs_in_and_works_through_haproxy_and_outlives_a_server(browser
         session = alice.evaluate("window.appSessionId")  # what her page asks after a reconnection
         assert alice.request.post(f"{balancer}/session-alive", data=session).status == 204
         assert bob.request.post(f"{balancer}/session-alive", data=session).status == 404  # not on Bob's server
+        assert alice.request.get(f"{balancer}/session-alive/{session}").status == 404  # a page of the last release
         upload_and_save(alice, tmp_path, "red.png", (220, 20, 20))
         open_app(bob)  # a new run on the other server sees Alice's save
         assert saved_count(bob) == "1"
