@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import io
 import logging
 import re
 import threading
@@ -385,15 +386,23 @@ def input_sources() -> tuple[list, list[str]]:
 def take_uploads(uploads: list) -> bool:
     """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue. Streamlit keeps every
     upload in the server's memory while its widget lists it: once spooled, each is dropped there, and the uploader
-    starts empty on the next run. Returns whether any were new."""
+    starts empty on the next run. Files Streamlit holds for this session that no uploader lists are taken too: a
+    selection dropped while the page read the one before went to the uploader that run retired, and Streamlit hands
+    a file over only through the uploader it was sent to. Returns whether any were new."""
     state = st.session_state
-    new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
-    for upload in new:
-        state.review.take_upload(upload.file_id, upload.name, upload)
+    new = [(upload.file_id, upload.name, upload) for upload in uploads
+           if upload.file_id not in state.review.taken_uploads]
+    if context is not None:
+        listed = state.review.taken_uploads | {file_id for file_id, _, _ in new}
+        held = getattr(context.uploaded_file_mgr, "file_storage", {}).get(context.session_id, {})
+        new += [(file_id, record.name, io.BytesIO(record.data)) for file_id, record in list(held.items())
+                if file_id not in listed]
+    for file_id, name, content in new:
+        state.review.take_upload(file_id, name, content)
         if context is not None:
-            context.uploaded_file_mgr.remove_file(context.session_id, upload.file_id)
-        upload.close()  # its bytes: the widget's value still names the file, which is enough
+            context.uploaded_file_mgr.remove_file(context.session_id, file_id)
+        content.close()  # its bytes: the widget's value still names the file, which is enough
     if new:
         state.upload_round += 1
     return bool(new)
