@@ -272,16 +272,16 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
                 [correction, table_correction])
         page.screenshot(path=str(ARTIFACTS / "history.png"), full_page=True)
 
-        # A second browser drops 200 pictures, then one more while the page still reads the first ones (the uploader
-        # that one went to was retired on the server as the 200 were taken): none is lost.
+        # A second browser drops 80 pictures, then one more while the page still reads the first ones (the uploader
+        # that one went to was retired on the server as the 80 were taken): none is lost.
         other = new_page(browser)
         open_app(other, server.url)
         uploader = other.locator('[data-testid="stFileUploader"] input[type="file"]')
         uploader.set_input_files(pictures(tmp_path, *((f"many-{index:03d}.png", (index, 255 - index, 90))
-                                                      for index in range(200))))
+                                                      for index in range(80))))
         other.get_by_text("Read and classified").wait_for(timeout=60_000)
         uploader.set_input_files(pictures(tmp_path, ("grass.png", (30, 160, 40))))
-        other.get_by_text("201 images classified").wait_for(timeout=60_000)
+        other.get_by_text("81 images classified").wait_for(timeout=60_000)
         # The first browser leaves for good: its spooled originals leave the disk, the second's stay, and it saves
         # from them.
         assert len(spool_files(server, spools)) == 2
@@ -291,7 +291,7 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
             time.sleep(0.5)
         assert len(spool_files(server, spools)) == 1
         with app_run(other):
-            other.get_by_role("button", name="Save 201 images").click()
-            other.get_by_text("Saved 201 images").wait_for(timeout=60_000)
-        assert saved_count(other) == "203"
+            other.get_by_role("button", name="Save 81 images").click()
+            other.get_by_text("Saved 81 images").wait_for(timeout=60_000)
+        assert saved_count(other) == "83"
 
