@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import io
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from streamlit.runtime import Runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
+from streamlit.runtime.uploaded_file_manager import UploadedFile
 
 import charts
 import signin
@@ -380,29 +380,26 @@ def input_sources() -> tuple[list, list[str]]:
     url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
                             placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
     st.html(TEXT_BOXES_KEEP_CTRL_ENTER, unsafe_allow_javascript=True)
-    return uploads or [], [url for url in dict.fromkeys(line.strip() for line in url_text.splitlines()) if url]
+    # A selection dropped while the page read the one before went to the uploader that run retired (the browser
+    # still showed it): Streamlit hands over that uploader's value too, until this run ends. Files already read are
+    # in it as deleted ones.
+    retired = state.get(f"uploader-{state.nonce}-{state.upload_round - 1}") or []
+    uploads = [upload for upload in [*retired, *(uploads or [])] if isinstance(upload, UploadedFile)]
+    return uploads, [url for url in dict.fromkeys(line.strip() for line in url_text.splitlines()) if url]
 
 
 def take_uploads(uploads: list) -> bool:
     """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue. Streamlit keeps every
     upload in the server's memory while its widget lists it: once spooled, each is dropped there, and the uploader
-    starts empty on the next run. Files Streamlit holds for this session that no uploader lists are taken too: a
-    selection dropped while the page read the one before went to the uploader that run retired, and Streamlit hands
-    a file over only through the uploader it was sent to. Returns whether any were new."""
+    starts empty on the next run. Returns whether any were new."""
     state = st.session_state
+    new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
-    new = [(upload.file_id, upload.name, upload) for upload in uploads
-           if upload.file_id not in state.review.taken_uploads]
-    if context is not None:
-        listed = state.review.taken_uploads | {file_id for file_id, _, _ in new}
-        held = getattr(context.uploaded_file_mgr, "file_storage", {}).get(context.session_id, {})
-        new += [(file_id, record.name, io.BytesIO(record.data)) for file_id, record in list(held.items())
-                if file_id not in listed]
-    for file_id, name, content in new:
-        state.review.take_upload(file_id, name, content)
+    for upload in new:
+        state.review.take_upload(upload.file_id, upload.name, upload)
         if context is not None:
-            context.uploaded_file_mgr.remove_file(context.session_id, file_id)
-        content.close()  # its bytes: the widget's value still names the file, which is enough
+            context.uploaded_file_mgr.remove_file(context.session_id, upload.file_id)
+        upload.close()  # its bytes: the widget's value still names the file, which is enough
     if new:
         state.upload_round += 1
     return bool(new)
