@@ -283,7 +283,8 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
     member to read as an image, named `archive.zip/folder/file.jpg`; (name shown, None, why) for each member that
     is left out (an unsafe path, encrypted, unreadable, too big); the rest go on. Folders are read through
     (ImageFolder or flat); hidden files (`.DS_Store`, the `._` copies macOS adds under `__MACOSX/`) are archive
-    clutter, passed over. Whether a member is an image is for the decoder to say, by content, as for any upload."""
+    clutter, passed over. Whether a member is an image its first bytes say, before the rest is inflated; the
+    decoder then checks it whole, as any upload."""
     size = archive_file.seek(0, io.SEEK_END)
     try:
         if zip_entry_count(archive_file, MAX_ZIP_ENTRIES) > MAX_ZIP_ENTRIES:

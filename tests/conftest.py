@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -48,6 +49,18 @@ def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (64, 48), col
         image = image.convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, image_format, **save_args)
+    return buffer.getvalue()
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    """A deflated ZIP of these members (a name ending in / is a folder entry)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            if name.endswith("/"):
+                archive.mkdir(name)
+            else:
+                archive.writestr(name, data)
     return buffer.getvalue()
 
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import ROOT, Route, export, image_bytes, shown, without_code_spans
+from conftest import ROOT, Route, export, image_bytes, shown, without_code_spans, zip_of
 from review import SKIP
 
 RED = image_bytes("PNG", size=(64, 48), color=(220, 20, 20))
@@ -928,17 +928,6 @@ def test_one_at_a_time_by_keys_saves_exactly_the_labels_chosen_and_shares_them_w
         assert dict(connection.execute("SELECT source, final_label FROM predictions")) == expected
     click(app, "Undo last change")  # the same Save, with its undo
     assert rows(db_path) == []
-
-
-def zip_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            if name.endswith("/"):
-                archive.mkdir(name)
-            else:
-                archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def test_a_zip_of_images_is_read_member_by_member_and_bad_members_are_named(store_env):

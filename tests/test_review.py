@@ -9,13 +9,12 @@ import io
 import random
 import struct
 import tracemalloc
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from classifier import Prediction
-from conftest import Route, image_bytes
+from conftest import Route, image_bytes, zip_of
 import review as review_module
 from inputs import MAX_ZIP_ENTRIES, zip_images
 from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review, SessionReviews
@@ -195,21 +194,13 @@ def test_a_label_belongs_to_the_picture_not_to_the_input_that_brought_it(classif
         ("red copy.png", "frog")]
 
 
-def zip_of(members: dict[str, bytes]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    buffer.seek(0)
-    return buffer
-
-
 def test_a_zip_member_that_is_no_image_is_named_and_never_spooled():
     """Whether a member is an image its first bytes say: one that is not (a text, a megabyte of noise) is left out
     with its name and what it is, before the rest of it is inflated and kept on disk."""
     review = Review()
     noise = random.Random(0).randbytes(1 << 20)
-    review.take_upload("1", "mixed.zip", zip_of({"noise.png": noise, "red.png": RED, "notes.txt": b"shopping list"}))
+    review.take_upload("1", "mixed.zip", io.BytesIO(zip_of({"noise.png": noise, "red.png": RED,
+                                                              "notes.txt": b"shopping list"})))
     assert review.spool.size == len(RED)
     assert [pending.source for pending in review.pending] == ["mixed.zip/red.png"]
     errors = review.errors()
@@ -218,9 +209,9 @@ def test_a_zip_member_that_is_no_image_is_named_and_never_spooled():
     assert any(error.startswith("'mixed.zip/notes.txt' is a text file, not an accepted image") for error in errors)
 
 
-def lying_about_its_count(archive: io.BytesIO) -> io.BytesIO:
+def lying_about_its_count(archive: bytes) -> io.BytesIO:
     """The same ZIP with its end record claiming a single entry (zipfile reads the directory by its size anyway)."""
-    data = bytearray(archive.getvalue())
+    data = bytearray(archive)
     end = data.rindex(b"PK\x05\x06")
     data[end + 8:end + 12] = struct.pack("<HH", 1, 1)  # entries on this disk, entries in all
     return io.BytesIO(bytes(data))
@@ -231,9 +222,8 @@ def test_a_zip_listing_more_entries_than_a_page_may_take_is_refused_before_its_d
     """A few megabytes of ZIP can list a million empty entries, and zipfile builds an object for each when it opens
     the archive (607 MB for a million): the directory's entries are counted first, header by header, whatever the
     archive's end record claims."""
-    archive = zip_of({f"{index}.png": b"" for index in range(MAX_ZIP_ENTRIES + 1)})
-    if end_record == "lying":
-        archive = lying_about_its_count(archive)
+    members = zip_of({f"{index}.png": b"" for index in range(MAX_ZIP_ENTRIES + 1)})
+    archive = lying_about_its_count(members) if end_record == "lying" else io.BytesIO(members)
     tracemalloc.start()
     try:
         results = list(zip_images(archive, "many.zip"))
