@@ -302,19 +302,29 @@ def scan_for_components_once() -> Iterator[None]:
     manifest_scanner.scan_component_manifests = scan
 
 
+# Modules whose tests mostly wait (on deadlines, on servers stopped and started again): run early, while the model's
+# pass is there to use the CPU they leave.
+WAITING_MODULES = ("test_fetch.py", "test_db.py")
+READERS = 3  # the place of the tests that read the model's pass: last
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Run the browser tests first and the readers of the model's pass over the test split last, and start that pass
-    in its own process as soon as a test to run reads it. The browser tests are the longest: started first, each
-    worker gets some and both finish together, instead of one running the last of them alone."""
+    """Order the run so that two workers and the model's pass over the test split keep both cores busy, and start
+    that pass in its own process as soon as a test to run reads it. The browser tests, the longest, go first (each
+    worker gets some and both finish together); then the tests that mostly wait; the pass's readers go last."""
     import split_pass
 
     def place(item) -> int:
         fixtures = getattr(item, "fixturenames", ())
-        return 2 if "test_split" in fixtures else 0 if "browser" in fixtures else 1
+        if "test_split" in fixtures:
+            return READERS
+        if "browser" in fixtures:
+            return 0
+        return 1 if item.path.name in WAITING_MODULES else 2
 
     items.sort(key=place)  # stable: each group keeps its order
-    if any(place(item) == 2 for item in items):
+    if any(place(item) == READERS for item in items):
         split_pass.start_once(Path(os.environ[SPLIT_PASS_FOLDER]))
 
 
