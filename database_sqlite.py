@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -11,6 +12,8 @@ from typing import Callable, Iterator
 from records import StoreError
 from settings import DB_PATH_ENV
 from sql import Cursor
+
+BUSY_TIMEOUT_S = 30  # how long a connection waits for another's write lock before it gives up
 
 
 class SQLiteDatabase:
@@ -24,8 +27,8 @@ class SQLiteDatabase:
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        connection.execute("PRAGMA busy_timeout=30000")
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         connection.row_factory = sqlite3.Row
         return connection
 
@@ -56,17 +59,30 @@ class SQLiteDatabase:
 
     def migrate(self, run: Callable[[Cursor, int], int]) -> int:
         with self._errors():
-            connection = self._connect()
-            try:
-                connection.execute("PRAGMA journal_mode=WAL")  # persistent, and only settable outside a transaction
-            finally:
-                connection.close()
+            self._use_wal()
         with self.transaction(write=True) as cursor:
             version = cursor.one("PRAGMA user_version")[0]
             reached = run(cursor, version)
             if reached != version:
                 cursor.execute(f"PRAGMA user_version = {int(reached)}")
         return reached
+
+    def _use_wal(self) -> None:
+        """WAL is persistent and only settable outside a transaction. Switching a new file to it needs the write
+        lock, and there SQLite answers "locked" at once rather than call the busy handler (it could deadlock), so
+        several servers starting on one new file take turns here."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            connection = self._connect()
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+            finally:
+                connection.close()
+            time.sleep(0.05)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

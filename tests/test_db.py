@@ -312,6 +312,20 @@ def test_refuses_a_database_from_a_newer_app(tmp_path):
         Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
 
 
+def test_a_server_starting_while_another_writes_to_a_new_sqlite_file_waits_for_it(tmp_path):
+    """Switching a new file to WAL needs the write lock, and SQLite answers "locked" at once instead of waiting
+    when another connection holds it (how several servers starting together failed in CI)."""
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other_writer (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other_writer VALUES (1)")
+    threading.Timer(0.5, lambda: writer.execute("COMMIT")).start()
+    store = Store(SQLiteDatabase(path), FolderImages(tmp_path / "images"))
+    assert store.count() == 0
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def _open_store_in_a_new_process(_: int) -> str:
     store = Store.from_env()
     store.close()
