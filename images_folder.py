@@ -43,18 +43,8 @@ class FolderImages:
 
     def _write(self, name: str, data: bytes) -> None:
         path = self.folder / name
-        if path.exists():  # named by content: an existing file already holds these bytes
-            return
-        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=PARTIAL_PREFIX)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        if not path.exists():  # named by content: an existing file already holds these bytes
+            _write_whole(path, data)
 
     def get(self, name: str) -> bytes:
         with self._errors():
@@ -103,9 +93,26 @@ class FolderImages:
         with self._errors():
             if not self._owners_folder.is_dir():
                 return {}
-            return {path.name: path.read_text() for path in self._owners_folder.iterdir()}
+            return {path.name: path.read_text() for path in self._owners_folder.iterdir()
+                    if not path.name.startswith(PARTIAL_PREFIX)}
 
     def add_owner(self, store_id: str, fingerprint: str) -> None:
+        """Written whole: a mark read half-written (empty) would count as another database's."""
         with self._errors():
             self._owners_folder.mkdir(parents=True, exist_ok=True)
-            (self._owners_folder / store_id).write_text(fingerprint)
+            _write_whole(self._owners_folder / store_id, fingerprint.encode())
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside the file, sync, then rename into place: readers see the old file or the
+    new one, never part of one, even after a power cut."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=PARTIAL_PREFIX)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

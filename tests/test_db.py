@@ -326,6 +326,29 @@ def test_a_server_starting_while_another_writes_to_a_new_sqlite_file_waits_for_i
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_an_owner_mark_being_written_is_never_read_half_written(tmp_path):
+    """A server starting reads the marks while another writes its own: a mark read empty would count as another
+    database's, and the starting server would take a second id for the same database (as CI once saw)."""
+    images = FolderImages(tmp_path / "images")
+    fingerprint = "sqlite:/data/feedback.db:" + "1234567" * 20
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def read_marks() -> None:
+        while not stop.is_set():
+            seen.update(images.owners().values())
+
+    reader = threading.Thread(target=read_marks)
+    reader.start()
+    try:
+        for _ in range(500):
+            images.add_owner("store", fingerprint)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen == {fingerprint}
+
+
 def _open_store_in_a_new_process(_: int) -> str:
     store = Store.from_env()
     store.close()
