@@ -18,15 +18,18 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, BinaryIO
 
 import pandas as pd
 import streamlit as st
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from streamlit.runtime import Runtime
+from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
-from streamlit.runtime.uploaded_file_manager import UploadedFile
+from streamlit.runtime.uploaded_file_manager import UploadedFile, UploadedFileRec
 
 import charts
 import signin
@@ -37,8 +40,9 @@ from db import (CLEAR, Person, SettingsError, Store, StoreError, Summary, config
 from display import CARD_SIZE, CLASS_KEYS, code_span, data_url, escape_markdown, keyboard_help
 from inputs import ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, MAX_ZIP_BYTES, ZIP_EXTENSIONS
 from records import SaveResult
-from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, SKIP, UNKNOWN_FLAG, Item, Review, SessionReviews,
-                    flag, page_count)
+from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, MAX_SPOOL_BYTES, SKIP, UNKNOWN_FLAG, Item, Review,
+                    SessionReviews, flag, page_count)
+from spools import InboxFull, UploadInbox
 
 COLUMNS = 4
 ONE_AT_A_TIME = "One at a time"
@@ -135,11 +139,46 @@ async def session_alive(request: Request) -> Response:
     return Response(status_code=204 if alive else 404)
 
 
+class UploadsWaitOnDisk(MemoryUploadedFileManager):
+    """Streamlit's keeper of uploads, but the bytes of each wait in an UploadInbox on disk until the page reads them
+    (see upload_content); Streamlit's own record of the file keeps none. Streamlit has no setting for this: the
+    server's keeper becomes one of these as the server starts, before any browser can upload."""
+
+    inbox: UploadInbox
+
+    def add_file(self, session_id: str, file: UploadedFileRec) -> None:
+        try:
+            self.inbox.put(session_id, file.file_id, file.data)
+        except InboxFull as error:
+            raise HTTPException(status_code=413, detail=f"{file.name} was not taken: {error}. Save or Clear all "
+                                                        "first.") from None
+        super().add_file(session_id, file._replace(data=b""))
+
+    def remove_file(self, session_id: str, file_id: str) -> None:
+        super().remove_file(session_id, file_id)
+        self.inbox.discard(session_id, file_id)
+
+    def remove_session_files(self, session_id: str) -> None:
+        super().remove_session_files(session_id)
+        self.inbox.discard_session(session_id)
+
+
+@contextlib.asynccontextmanager
+async def uploads_wait_on_disk(_: st.App) -> AsyncIterator[None]:
+    """As the server starts: a thousand photos dropped at once have all arrived before the page reads the first, and
+    in memory they would take as much of it as they are big."""
+    keeper = Runtime.instance().uploaded_file_mgr
+    keeper.inbox = UploadInbox(MAX_SPOOL_BYTES)
+    keeper.__class__ = UploadsWaitOnDisk
+    yield
+
+
 # `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads and
 # /session-alive for the pages' reconnections.
 app = st.App(__file__, routes=[Route("/export/{name}", export_download),
                                Route("/session-alive", session_alive, methods=["POST"]),
-                               Route("/session-alive/{session_id}", session_alive_before)])
+                               Route("/session-alive/{session_id}", session_alive_before)],
+             lifespan=uploads_wait_on_disk)
 
 
 # ---------------------------------------------------------------- the main page
@@ -163,21 +202,26 @@ def tune_memory() -> None:
 
 @st.cache_resource
 def session_reviews() -> SessionReviews:
-    """Once per server: every session's Review, swept in a thread of its own, so the originals a session spooled
-    leave the disk once Streamlit holds the session no more (it keeps a left session for
-    server.disconnectedSessionTTL seconds, for its browser to reconnect)."""
+    """Once per server: every session's Review, swept in a thread of its own, so the originals a session spooled,
+    and the uploads it never read, leave the disk once Streamlit holds the session no more (it keeps a left session
+    for server.disconnectedSessionTTL seconds, for its browser to reconnect)."""
     reviews = SessionReviews()
     every = min(SWEEP_SECONDS, max(1, st.get_option("server.disconnectedSessionTTL")))
     # Only the session manager knows the sessions kept for a reconnection; AppTest's stand-in runtime has none.
     sessions = getattr(Runtime.instance(), "_session_mgr", None)
     if sessions is None:
         return reviews
+    inbox = Runtime.instance().uploaded_file_mgr.inbox
 
     def sweep_forever() -> None:
+        def held(session_id: str) -> bool:
+            return sessions.get_session_info(session_id) is not None
+
         while True:
             time.sleep(every)
             try:
-                reviews.sweep(lambda session_id: sessions.get_session_info(session_id) is not None)
+                reviews.sweep(held)
+                inbox.sweep(held)
             except Exception:  # the next sweep tries again
                 logging.getLogger(__name__).exception("sweeping the sessions' spools failed")
 
@@ -396,13 +440,23 @@ def take_uploads(uploads: list) -> bool:
     new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
     for upload in new:
-        state.review.take_upload(upload.file_id, upload.name, upload)
+        with upload_content(upload) as content:
+            state.review.take_upload(upload.file_id, upload.name, content)
         if context is not None:
             context.uploaded_file_mgr.remove_file(context.session_id, upload.file_id)
         upload.close()  # its bytes: the widget's value still names the file, which is enough
     if new:
         state.upload_round += 1
     return bool(new)
+
+
+def upload_content(upload: UploadedFile) -> BinaryIO:
+    """An upload's bytes: on a server, in its inbox on disk (see UploadsWaitOnDisk); in AppTest, which runs the page
+    without one, in the upload itself."""
+    context = get_script_run_ctx()
+    inbox = getattr(context.uploaded_file_mgr, "inbox", None) if context is not None else None
+    waiting = inbox.open(context.session_id, upload.file_id) if inbox is not None else None
+    return waiting or upload
 
 
 def take_urls(urls: list[str], status) -> None:

@@ -9,7 +9,6 @@ import lzma
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
 import warnings
@@ -367,47 +366,6 @@ def zip_member_problem(info: zipfile.ZipInfo, limit: int) -> str:
         return (f"inflates to {info.file_size / 2**20:.1f} MB from {info.compress_size / 2**20:.2f} MB: refused as a "
                 "ZIP bomb or an oversized file")
     return ""
-
-
-class Spool:
-    """Uploaded originals kept on disk for one browser session instead of in memory: Save reads them back, byte for
-    byte. An anonymous temporary file (in TMPDIR), gone when closed, when the session ends or the server stops.
-    Appends and reads may come from several threads."""
-
-    def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="cifar10-originals-")
-        self._lock = threading.Lock()
-        self._size = 0
-
-    def add(self, data: bytes) -> tuple[int, int]:
-        """Keep these bytes; returns where they are: (offset, length)."""
-        with self._lock:
-            offset = self._size
-            self._size += len(data)
-        view, at = memoryview(data), offset
-        while view:
-            written = os.pwrite(self._file.fileno(), view, at)
-            view, at = view[written:], at + written
-        return offset, len(data)
-
-    @property
-    def size(self) -> int:
-        """Bytes kept so far."""
-        return self._size
-
-    def read(self, place: tuple[int, int]) -> bytes:
-        offset, length = place
-        parts = []
-        while length:
-            part = os.pread(self._file.fileno(), length, offset)
-            if not part:
-                raise OSError(f"the spool of uploads ends {length} bytes early")
-            parts.append(part)
-            offset, length = offset + len(part), length - len(part)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def private_url_policy() -> str:

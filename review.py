@@ -16,9 +16,10 @@ from PIL import Image
 
 from classes import CLASSES
 from display import CARD_SIZE, PICTURE_SIZE, THUMBNAIL_SIZE, encode_image
-from inputs import (FetchError, InvalidImageError, Spool, fetch_image, is_zip, read_image_input, upload_problem,
+from inputs import (FetchError, InvalidImageError, fetch_image, is_zip, read_image_input, upload_problem,
                     zip_images)
 from records import NewPrediction
+from spools import Spool
 
 if TYPE_CHECKING:  # the model (torch) is the page's to load
     from classifier import Prediction

@@ -210,6 +210,38 @@ def spool_files(server: StreamlitServer, folder: Path) -> list[str]:
     return [link for link in links if link.startswith(str(folder))]
 
 
+def spooled_bytes(server: StreamlitServer, folder: Path) -> int:
+    """How many bytes those files hold (they are deleted already: read through the server's descriptors)."""
+    total = 0
+    for descriptor in Path(f"/proc/{server.process.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(descriptor).startswith(str(folder)):
+                total += descriptor.stat().st_size
+    return total
+
+
+def resident_bytes(server: StreamlitServer) -> int:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+# Uploads the way the uploader sends them (one PUT per file, with Streamlit's XSRF token), to ids no uploader names:
+# the server keeps them as it keeps any file it has received and the page has not read yet.
+SEND_UPLOADS_NOBODY_READS = """async ([count, size]) => {
+  const cookie = document.cookie.split("; ").find(part => part.startsWith("_streamlit_xsrf=")) || "";
+  const statuses = [];
+  for (let index = 0; index < count; index++) {
+    const form = new FormData();
+    form.append("file", new Blob([new Uint8Array(size).fill(index + 1)]), `waiting-${index}.png`);
+    const answer = await fetch(`/_stcore/upload_file/${window.appSessionId}/waiting-${index}`,
+                               {method: "PUT", headers: {"X-Xsrftoken": cookie.slice(cookie.indexOf("=") + 1)},
+                                body: form});
+    statuses.push(answer.status);
+  }
+  return statuses;
+}"""
+
+
 def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
     db_path = tmp_path / "browser.db"
     spools = tmp_path / "spools"
@@ -225,6 +257,12 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
 
         open_app(page, server.url)
         assert page.get_by_text("Nothing saved yet").is_visible()
+        # What arrives waits on disk, not in the server's memory, until the page reads it: a thousand photos dropped
+        # at once have all arrived before the page reads the first.
+        memory_before = resident_bytes(server)
+        assert page.evaluate(SEND_UPLOADS_NOBODY_READS, [8, 16 * 2**20]) == [204] * 8
+        assert resident_bytes(server) - memory_before < 40 * 2**20
+        assert spooled_bytes(server, spools) >= 8 * 16 * 2**20
         assert page.locator('[data-testid="stSidebarNav"]').inner_text().split() == [
             "image_search", "Classify", "history", "History"]
         with app_run(page):
@@ -283,11 +321,12 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
             many[-1].write_bytes(image_bytes("PNG", size=(24, 18), color=(index, 255 - index, 90)))
         uploader.set_input_files(many)
         other.get_by_text("Read and classified").wait_for(timeout=60_000)
-        uploader.set_input_files(pictures(tmp_path, ("grass.png", (30, 160, 40))))
+        # (The browser may still show the retired uploader beside the new one, until the run that read the 80 ends.)
+        uploader.first.set_input_files(pictures(tmp_path, ("grass.png", (30, 160, 40))))
         other.get_by_text("81 images classified").wait_for(timeout=60_000)
-        # The first browser leaves for good: its spooled originals leave the disk, the second's stay, and it saves
-        # from them.
-        assert len(spool_files(server, spools)) == 2
+        # The first browser leaves for good: its spooled originals and the uploads it never read leave the disk, the
+        # second's originals stay, and it saves from them.
+        assert len(spool_files(server, spools)) == 3
         page.close()
         deadline = time.monotonic() + 30
         while len(spool_files(server, spools)) > 1 and time.monotonic() < deadline:
