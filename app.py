@@ -22,7 +22,6 @@ from typing import AsyncIterator, BinaryIO
 
 import pandas as pd
 import streamlit as st
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -42,7 +41,7 @@ from inputs import ALLOWED_EXTENSIONS, DECODE_THREADS, MAX_FILE_BYTES, MAX_ZIP_B
 from records import SaveResult
 from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, MAX_SPOOL_BYTES, SKIP, UNKNOWN_FLAG, Item, Review,
                     SessionReviews, flag, page_count)
-from spools import InboxFull, UploadInbox
+from spools import NotWaiting, UploadInbox
 
 COLUMNS = 4
 ONE_AT_A_TIME = "One at a time"
@@ -147,11 +146,7 @@ class UploadsWaitOnDisk(MemoryUploadedFileManager):
     inbox: UploadInbox
 
     def add_file(self, session_id: str, file: UploadedFileRec) -> None:
-        try:
-            self.inbox.put(session_id, file.file_id, file.data)
-        except InboxFull as error:
-            raise HTTPException(status_code=413, detail=f"{file.name} was not taken: {error}. Save or Clear all "
-                                                        "first.") from None
+        self.inbox.put(session_id, file.file_id, file.data)  # or, past the page's limit, why not: said on the page
         super().add_file(session_id, file._replace(data=b""))
 
     def remove_file(self, session_id: str, file_id: str) -> None:
@@ -163,13 +158,17 @@ class UploadsWaitOnDisk(MemoryUploadedFileManager):
         self.inbox.discard_session(session_id)
 
 
+def keep_uploads_on_disk(keeper: MemoryUploadedFileManager, inbox: UploadInbox) -> None:
+    """Make Streamlit's keeper of uploads one that keeps them in this inbox."""
+    keeper.inbox = inbox
+    keeper.__class__ = UploadsWaitOnDisk
+
+
 @contextlib.asynccontextmanager
 async def uploads_wait_on_disk(_: st.App) -> AsyncIterator[None]:
     """As the server starts: a thousand photos dropped at once have all arrived before the page reads the first, and
     in memory they would take as much of it as they are big."""
-    keeper = Runtime.instance().uploaded_file_mgr
-    keeper.inbox = UploadInbox(MAX_SPOOL_BYTES)
-    keeper.__class__ = UploadsWaitOnDisk
+    keep_uploads_on_disk(Runtime.instance().uploaded_file_mgr, UploadInbox(MAX_SPOOL_BYTES))
     yield
 
 
@@ -440,8 +439,11 @@ def take_uploads(uploads: list) -> bool:
     new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
     for upload in new:
-        with upload_content(upload) as content:
-            state.review.take_upload(upload.file_id, upload.name, content)
+        try:
+            with upload_content(upload) as content:
+                state.review.take_upload(upload.file_id, upload.name, content)
+        except NotWaiting as why:
+            state.review.refuse_upload(upload.file_id, f"'{upload.name}' {why}")
         if context is not None:
             context.uploaded_file_mgr.remove_file(context.session_id, upload.file_id)
         upload.close()  # its bytes: the widget's value still names the file, which is enough
@@ -450,13 +452,18 @@ def take_uploads(uploads: list) -> bool:
     return bool(new)
 
 
-def upload_content(upload: UploadedFile) -> BinaryIO:
-    """An upload's bytes: on a server, in its inbox on disk (see UploadsWaitOnDisk); in AppTest, which runs the page
-    without one, in the upload itself."""
+def upload_inbox() -> UploadInbox | None:
+    """The server's uploads waiting to be read (see UploadsWaitOnDisk); None in AppTest, which runs the page without
+    a server."""
     context = get_script_run_ctx()
-    inbox = getattr(context.uploaded_file_mgr, "inbox", None) if context is not None else None
-    waiting = inbox.open(context.session_id, upload.file_id) if inbox is not None else None
-    return waiting or upload
+    return getattr(context.uploaded_file_mgr, "inbox", None) if context is not None else None
+
+
+def upload_content(upload: UploadedFile) -> BinaryIO:
+    """An upload's bytes: on a server, in its inbox on disk, or NotWaiting says why not; in AppTest, in the upload
+    itself."""
+    inbox = upload_inbox()
+    return upload if inbox is None else inbox.open(get_script_run_ctx().session_id, upload.file_id)
 
 
 def take_urls(urls: list[str], status) -> None:
@@ -765,10 +772,14 @@ def undo_last() -> None:
 
 
 def clear_all() -> None:
-    """Empty the page: inputs, pictures (and their spooled originals), labels, the review's place."""
+    """Empty the page: inputs (and the uploads not read yet), pictures (and their spooled originals), labels, the
+    review's place."""
     state = st.session_state
     state.rerun_page = True
     state.nonce += 1
+    inbox = upload_inbox()
+    if inbox is not None:
+        inbox.discard_session(get_script_run_ctx().session_id)
     state.review.close()
     state.review = Review()
     state.flash = None

@@ -163,6 +163,11 @@ class Review:
         else:
             self.queue(key, name, content.read())
 
+    def refuse_upload(self, upload_id: str, why: str) -> None:
+        """An upload that cannot be read, and why."""
+        self.taken_uploads.add(upload_id)
+        self.results[f"file-{upload_id}"] = why
+
     def take_urls(self, urls: Sequence[str]) -> None:
         """The URLs in the box, in order: a URL taken out of the box leaves the page; those not seen before are
         fetched (at once, each with its deadline) into the queue."""

@@ -97,68 +97,120 @@ class _SpoolPart(io.RawIOBase):
         super().close()
 
 
-class InboxFull(Exception):
-    """An upload refused: its session already has as much waiting as it may."""
+class NotWaiting(Exception):
+    """An upload the page asked for is not in the inbox: why, said after the file's name."""
+
+
+REMOVED = "was removed from the uploader before the page read it."
+
+
+class _Waiting:
+    """One session's uploads: those waiting, in a spool of their own (made with the first, closed once none waits),
+    and those refused with why. Its lock is held while a file is written: other sessions never wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spool: Spool | None = None
+        self.places: dict[str, Place] = {}   # upload id -> where its bytes are
+        self.refused: dict[str, str] = {}    # upload id -> why
+        self.closed = False                  # forgotten: an upload that finds it so starts another
+
+    def forget(self, upload_id: str) -> None:
+        """Under the lock."""
+        self.places.pop(upload_id, None)
+        self.refused.pop(upload_id, None)
+        if not self.places:
+            self._close_spool()
+
+    def close(self) -> None:
+        """Under the lock."""
+        self.places.clear()
+        self.refused.clear()
+        self._close_spool()
+        self.closed = True
+
+    def _close_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 class UploadInbox:
     """Uploads from the moment they arrive until a page reads them, on disk. Streamlit would keep each in the
     server's memory until then, and of a thousand photos dropped at once, all have arrived before the page reads the
-    first. One spool per session, closed (its disk space freed) once none of its uploads waits; each session may
-    have at most `limit_bytes` waiting. Safe from any thread: uploads arrive on the server's, pages read on theirs."""
+    first. Each session writes to its own spool, freed once none of its uploads waits; until then it may hold at
+    most `limit_bytes`, counting what was sent and removed meanwhile (the spool only grows), and what would pass that
+    is refused, to be said on the page. Safe from any thread: uploads arrive on the server's, pages read on theirs."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self._spools: dict[str, Spool] = {}                  # session id -> its spool
-        self._waiting: dict[str, dict[str, Place]] = {}      # session id -> upload id -> where its bytes are
-        self._lock = threading.Lock()
+        self._sessions: dict[str, _Waiting] = {}
+        self._lock = threading.Lock()  # held only to find a session's _Waiting
 
     def put(self, session_id: str, upload_id: str, data: bytes) -> None:
-        """Keep an upload's bytes (those of an upload sent again replace them); InboxFull past the session's limit."""
-        with self._lock:
-            waiting = self._waiting.setdefault(session_id, {})
-            waiting.pop(upload_id, None)
-            held = sum(length for _, length in waiting.values())
-            if held + len(data) > self.limit_bytes:
-                raise InboxFull(f"{held / 2**30:.1f} GB of uploads wait to be read on this page, and it may hold "
-                                f"{self.limit_bytes / 2**30:.0f} GB")
-            spool = self._spools.get(session_id)
-            if spool is None:
-                spool = self._spools[session_id] = Spool("cifar10-uploads-")
-            waiting[upload_id] = spool.add(data)
+        """Keep an upload's bytes (an upload sent again under its id replaces them), or why not."""
+        while True:
+            with self._lock:
+                waiting = self._sessions.setdefault(session_id, _Waiting())
+            with waiting.lock:
+                if waiting.closed:  # forgotten since it was found: the next turn finds a new one
+                    continue
+                waiting.forget(upload_id)
+                written = waiting.spool.size if waiting.spool is not None else 0
+                if written + len(data) > self.limit_bytes:
+                    waiting.refused[upload_id] = (
+                        f"was not taken: {written / 2**30:.1f} GB of uploads were waiting to be read on this page, "
+                        f"the most it may have. Upload it again once the page has read them.")
+                    return
+                if waiting.spool is None:
+                    waiting.spool = Spool("cifar10-uploads-")
+                waiting.places[upload_id] = waiting.spool.add(data)
+                return
 
-    def open(self, session_id: str, upload_id: str) -> BinaryIO | None:
-        """The upload's bytes as a file (close it), or None when none are here."""
+    def open(self, session_id: str, upload_id: str) -> BinaryIO:
+        """The upload's bytes as a file (close it); NotWaiting says why there are none."""
         with self._lock:
-            place = self._waiting.get(session_id, {}).get(upload_id)
-            return None if place is None else self._spools[session_id].open(place)
+            waiting = self._sessions.get(session_id)
+        if waiting is None:
+            raise NotWaiting(REMOVED)
+        with waiting.lock:
+            if upload_id in waiting.places:
+                return waiting.spool.open(waiting.places[upload_id])
+            raise NotWaiting(waiting.refused.get(upload_id, REMOVED))
 
     def discard(self, session_id: str, upload_id: str) -> None:
         """Read, or removed in the browser: its bytes go (with the spool, once none waits)."""
         with self._lock:
-            waiting = self._waiting.get(session_id, {})
-            waiting.pop(upload_id, None)
-            if not waiting:
-                self._forget(session_id)
+            waiting = self._sessions.get(session_id)
+        if waiting is None:
+            return
+        with waiting.lock:
+            waiting.forget(upload_id)
+            if waiting.places or waiting.refused:
+                return
+            waiting.close()
+        self._drop(session_id, waiting)
 
     def discard_session(self, session_id: str) -> None:
-        """The session ended: whatever it never read goes."""
+        """The session ended, or its page was cleared: whatever it has not read goes."""
         with self._lock:
-            self._forget(session_id)
+            waiting = self._sessions.get(session_id)
+        if waiting is not None:
+            with waiting.lock:
+                waiting.close()
+            self._drop(session_id, waiting)
 
     def sweep(self, held: Callable[[str], bool]) -> int:
         """Forget what the sessions that `held` says are gone for good never read; returns how many sessions. (A
         session Streamlit kept for its browser to come back, it drops without a word to its keeper of uploads.)"""
         with self._lock:
-            sessions = list(self._waiting)
+            sessions = list(self._sessions)
         gone = [session_id for session_id in sessions if not held(session_id)]
-        with self._lock:
-            for session_id in gone:
-                self._forget(session_id)
+        for session_id in gone:
+            self.discard_session(session_id)
         return len(gone)
 
-    def _forget(self, session_id: str) -> None:
-        self._waiting.pop(session_id, None)
-        spool = self._spools.pop(session_id, None)
-        if spool is not None:
-            spool.close()
+    def _drop(self, session_id: str, waiting: _Waiting) -> None:
+        with self._lock:
+            if self._sessions.get(session_id) is waiting:
+                del self._sessions[session_id]

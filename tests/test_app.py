@@ -89,6 +89,31 @@ def test_empty_database_shows_a_friendly_empty_state(store_env):
     assert [b.disabled for b in app.button if b.label.startswith("Save")] == [True]
 
 
+def test_an_upload_past_what_a_page_may_have_waiting_is_named_and_the_rest_are_read(store_env, monkeypatch):
+    """On a server, uploads wait on disk until the page reads them (app.UploadsWaitOnDisk). AppTest makes its own
+    keeper of uploads for each run: here each is given that same kind of inbox, with room for one picture."""
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+    from streamlit.testing.v1 import local_script_runner
+
+    import app as app_module
+    from spools import UploadInbox
+
+    inbox = UploadInbox(limit_bytes=len(RED) + 10)
+
+    def keeper_with_the_inbox(endpoint: str) -> MemoryUploadedFileManager:
+        keeper = MemoryUploadedFileManager(endpoint)
+        app_module.keep_uploads_on_disk(keeper, inbox)
+        return keeper
+
+    monkeypatch.setattr(local_script_runner, "MemoryUploadedFileManager", keeper_with_the_inbox)
+    app = start_app()
+    upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
+    assert len(app.selectbox) == 1  # red.png's card
+    [error] = app.error
+    assert shown(error.value).startswith("'blue.jpg' was not taken: ")
+    assert "waiting to be read on this page, the most it may have" in shown(error.value)
+
+
 def test_upload_correct_and_save(backend, reader):
     app = start_app()
     upload(app, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg"), ("notes.jpg", b"hello", "image/jpeg")])

@@ -293,6 +293,11 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
             saved = dict(connection.execute("SELECT source, final_label FROM predictions").fetchall())
         assert saved == {"red.png": correction, "sky.png": table_correction}
         assert saved_count(page) == "2"
+        # Clear all empties the disk too: the page's originals, and the uploads that waited unread.
+        with app_run(page):
+            page.get_by_role("button", name="Clear all").click()
+        assert spooled_bytes(server, spools) == 0
+        assert page.evaluate(SEND_UPLOADS_NOBODY_READS, [1, 1000]) == [204]
 
         # The History page lists both; its streamed downloads carry the corrections.
         with app_run(page):
@@ -324,9 +329,9 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         # (The browser may still show the retired uploader beside the new one, until the run that read the 80 ends.)
         uploader.first.set_input_files(pictures(tmp_path, ("grass.png", (30, 160, 40))))
         other.get_by_text("81 images classified").wait_for(timeout=60_000)
-        # The first browser leaves for good: its spooled originals and the uploads it never read leave the disk, the
-        # second's originals stay, and it saves from them.
-        assert len(spool_files(server, spools)) == 3
+        # The first browser leaves for good: the upload it never read leaves the disk, the second's originals stay,
+        # and it saves from them.
+        assert len(spool_files(server, spools)) == 2
         page.close()
         deadline = time.monotonic() + 30
         while len(spool_files(server, spools)) > 1 and time.monotonic() < deadline:

@@ -13,7 +13,7 @@ import pytest
 from conftest import image_bytes, zip_of
 from inputs import zip_images
 from review import Review
-from spools import InboxFull, Spool, UploadInbox
+from spools import NotWaiting, Spool, UploadInbox
 
 
 @pytest.fixture
@@ -32,6 +32,18 @@ def open_spools(folder: Path) -> int:
         except FileNotFoundError:  # the descriptor listing the folder, closed since
             pass
     return count
+
+
+def spooled_bytes(folder: Path) -> int:
+    """How many bytes those files hold."""
+    total = 0
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(descriptor).startswith(str(folder)):
+                total += descriptor.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def test_a_part_of_a_spool_reads_and_seeks_like_a_file_and_outlives_the_spool():
@@ -65,10 +77,9 @@ def test_the_inbox_gives_back_each_upload_until_it_is_read_then_frees_its_disk(s
     inbox.put("two", "a", b"other session")
     assert open_spools(spool_folder) == 2  # one per session
     assert inbox.open("one", "a").read() == b"first" and inbox.open("two", "a").read() == b"other session"
-    assert inbox.open("one", "missing") is None and inbox.open("three", "a") is None
 
     inbox.discard("one", "a")
-    assert inbox.open("one", "a") is None and inbox.open("one", "b").read() == b"second"
+    assert inbox.open("one", "b").read() == b"second"
     assert open_spools(spool_folder) == 2
     inbox.discard("one", "b")  # none of the session's waits: its spool goes
     assert open_spools(spool_folder) == 1
@@ -76,18 +87,47 @@ def test_the_inbox_gives_back_each_upload_until_it_is_read_then_frees_its_disk(s
     assert inbox.open("one", "c").read() == b"later"
 
     inbox.discard_session("two")  # the session ended, its upload never read
-    assert inbox.open("two", "a") is None and open_spools(spool_folder) == 1
+    assert open_spools(spool_folder) == 1
 
 
-def test_a_session_may_have_only_so_much_waiting_and_an_upload_sent_again_counts_once():
+def test_an_upload_not_waiting_says_why():
+    inbox = UploadInbox(limit_bytes=2**20)
+    inbox.put("session", "a", b"read")
+    inbox.discard("session", "a")
+    for session_id, upload_id in (("session", "a"), ("session", "never sent"), ("no such session", "a")):
+        with pytest.raises(NotWaiting, match="removed from the uploader before the page read it"):
+            inbox.open(session_id, upload_id)
+
+
+def test_a_session_may_have_only_so_much_waiting_and_says_what_it_refused():
     inbox = UploadInbox(limit_bytes=100)
     inbox.put("session", "a", bytes(60))
-    inbox.put("session", "a", bytes(70))  # sent again: replaces the first
-    inbox.put("other", "a", bytes(100))   # each session has its own limit
-    with pytest.raises(InboxFull, match="may hold"):
-        inbox.put("session", "b", bytes(31))
-    assert inbox.open("session", "b") is None and len(inbox.open("session", "a").read()) == 70
-    inbox.put("session", "b", bytes(30))
+    inbox.put("other", "a", bytes(100))  # each session has its own limit
+    inbox.put("session", "b", bytes(41))
+    with pytest.raises(NotWaiting, match=r"was not taken: .* waiting to be read on this page, the most it may have"):
+        inbox.open("session", "b")
+    assert len(inbox.open("session", "a").read()) == 60
+    inbox.discard("session", "a")  # read: the page has room again
+    inbox.discard("session", "b")
+    inbox.put("session", "c", bytes(100))
+    assert len(inbox.open("session", "c").read()) == 100
+
+
+def test_bytes_sent_again_or_removed_count_until_the_page_has_read_what_waits(spool_folder):
+    """The spool only grows until nothing waits: uploads sent again under one id, or sent and removed, while one
+    waits, must not fill the disk past the limit."""
+    inbox = UploadInbox(limit_bytes=100)
+    inbox.put("session", "waits", bytes(1))
+    for _ in range(10):
+        inbox.put("session", "again", bytes(40))
+    assert spooled_bytes(spool_folder) <= 100
+    for turn in range(10):
+        inbox.put("session", f"removed-{turn}", bytes(40))
+        inbox.discard("session", f"removed-{turn}")
+    assert spooled_bytes(spool_folder) <= 100
+    with pytest.raises(NotWaiting, match="was not taken"):
+        inbox.open("session", "again")
+    assert inbox.open("session", "waits").read() == bytes(1)
 
 
 def test_an_upload_read_from_the_inbox_is_queued_like_one_read_from_memory():
@@ -106,5 +146,7 @@ def test_a_sweep_forgets_what_sessions_gone_for_good_never_read(spool_folder):
     inbox.put("gone", "a", b"never read")
     inbox.put("here", "a", b"still waiting")
     assert inbox.sweep(lambda session_id: session_id == "here") == 1
-    assert inbox.open("gone", "a") is None and inbox.open("here", "a").read() == b"still waiting"
+    assert inbox.open("here", "a").read() == b"still waiting"
+    with pytest.raises(NotWaiting):
+        inbox.open("gone", "a")
     assert open_spools(spool_folder) == 1
