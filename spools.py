@@ -11,6 +11,7 @@ import threading
 from typing import BinaryIO, Callable
 
 Place = tuple[int, int]  # (offset, length) in a Spool
+COPY_BYTES = 2**20  # what moving uploads to a new spool holds in memory at a time
 
 
 class Spool:
@@ -24,14 +25,31 @@ class Spool:
 
     def add(self, data: bytes) -> Place:
         """Keep these bytes; returns where they are."""
+        offset = self._reserve(len(data))
+        self._write(data, offset)
+        return offset, len(data)
+
+    def add_from(self, stream: BinaryIO, length: int) -> Place:
+        """Keep the next `length` bytes of this file, read a megabyte at a time; returns where they are."""
+        offset = self._reserve(length)
+        for at in range(offset, offset + length, COPY_BYTES):
+            chunk = stream.read(min(COPY_BYTES, offset + length - at))
+            if not chunk:
+                raise OSError(f"the file to keep ends {offset + length - at} bytes early")
+            self._write(chunk, at)
+        return offset, length
+
+    def _reserve(self, length: int) -> int:
         with self._lock:
             offset = self._size
-            self._size += len(data)
-        view, at = memoryview(data), offset
+            self._size += length
+        return offset
+
+    def _write(self, data: bytes, at: int) -> None:
+        view = memoryview(data)
         while view:
             written = os.pwrite(self._file.fileno(), view, at)
             view, at = view[written:], at + written
-        return offset, len(data)
 
     @property
     def size(self) -> int:
@@ -102,6 +120,7 @@ class NotWaiting(Exception):
 
 
 REMOVED = "was removed from the uploader before the page read it."
+UPLOADS_PREFIX = "cifar10-uploads-"
 
 
 class _Waiting:
@@ -121,6 +140,23 @@ class _Waiting:
         self.refused.pop(upload_id, None)
         if not self.places:
             self._close_spool()
+
+    def live_bytes(self) -> int:
+        return sum(length for _, length in self.places.values())
+
+    def compact(self) -> None:
+        """Under the lock: the uploads waiting move to a new spool, and the bytes sent again or removed meanwhile
+        go with the old one (readers of it have descriptors of their own)."""
+        spool, places = Spool(UPLOADS_PREFIX), {}
+        try:
+            for upload_id, place in self.places.items():
+                with self.spool.open(place) as reader:
+                    places[upload_id] = spool.add_from(reader, place[1])
+        except BaseException:  # the disk is full: everything stays as it was
+            spool.close()
+            raise
+        self.spool.close()
+        self.spool, self.places = spool, places
 
     def close(self) -> None:
         """Under the lock."""
@@ -156,15 +192,21 @@ class UploadInbox:
                 if waiting.closed:  # forgotten since it was found: the next turn finds a new one
                     continue
                 waiting.forget(upload_id)
-                written = waiting.spool.size if waiting.spool is not None else 0
-                if written + len(data) > self.limit_bytes:
+                live = waiting.live_bytes()
+                if live + len(data) > self.limit_bytes:
                     waiting.refused[upload_id] = (
-                        f"was not taken: {written / 2**30:.1f} GB of uploads were waiting to be read on this page, "
-                        f"the most it may have. Upload it again once the page has read them.")
+                        f"was not taken: {live / 2**30:.1f} GB of uploads are waiting to be read on this page, and "
+                        f"it may have {self.limit_bytes / 2**30:.0f} GB. Upload it again once the page has read them.")
                     return
                 if waiting.spool is None:
-                    waiting.spool = Spool("cifar10-uploads-")
-                waiting.places[upload_id] = waiting.spool.add(data)
+                    waiting.spool = Spool(UPLOADS_PREFIX)
+                elif waiting.spool.size + len(data) > self.limit_bytes:
+                    waiting.compact()
+                try:
+                    waiting.places[upload_id] = waiting.spool.add(data)
+                except OSError:  # the disk is full: what this write left goes now, unless others wait
+                    waiting.forget(upload_id)
+                    raise
                 return
 
     def open(self, session_id: str, upload_id: str) -> BinaryIO:
@@ -186,10 +228,8 @@ class UploadInbox:
             return
         with waiting.lock:
             waiting.forget(upload_id)
-            if waiting.places or waiting.refused:
-                return
-            waiting.close()
-        self._drop(session_id, waiting)
+            if not waiting.places and not waiting.refused:
+                self._close(session_id, waiting)
 
     def discard_session(self, session_id: str) -> None:
         """The session ended, or its page was cleared: whatever it has not read goes."""
@@ -197,8 +237,7 @@ class UploadInbox:
             waiting = self._sessions.get(session_id)
         if waiting is not None:
             with waiting.lock:
-                waiting.close()
-            self._drop(session_id, waiting)
+                self._close(session_id, waiting)
 
     def sweep(self, held: Callable[[str], bool]) -> int:
         """Forget what the sessions that `held` says are gone for good never read; returns how many sessions. (A
@@ -210,7 +249,9 @@ class UploadInbox:
             self.discard_session(session_id)
         return len(gone)
 
-    def _drop(self, session_id: str, waiting: _Waiting) -> None:
+    def _close(self, session_id: str, waiting: _Waiting) -> None:
+        """Under the session's lock, so that an upload never finds it closed but still listed."""
+        waiting.close()
         with self._lock:
             if self._sessions.get(session_id) is waiting:
                 del self._sessions[session_id]

@@ -111,7 +111,7 @@ def test_an_upload_past_what_a_page_may_have_waiting_is_named_and_the_rest_are_r
     assert len(app.selectbox) == 1  # red.png's card
     [error] = app.error
     assert shown(error.value).startswith("'blue.jpg' was not taken: ")
-    assert "waiting to be read on this page, the most it may have" in shown(error.value)
+    assert "are waiting to be read on this page, and it may have 0 GB" in shown(error.value)
 
 
 def test_upload_correct_and_save(backend, reader):

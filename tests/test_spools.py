@@ -3,6 +3,7 @@ side is in test_browser: what a browser sends does not stay in the server's memo
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -104,7 +105,8 @@ def test_a_session_may_have_only_so_much_waiting_and_says_what_it_refused():
     inbox.put("session", "a", bytes(60))
     inbox.put("other", "a", bytes(100))  # each session has its own limit
     inbox.put("session", "b", bytes(41))
-    with pytest.raises(NotWaiting, match=r"was not taken: .* waiting to be read on this page, the most it may have"):
+    with pytest.raises(NotWaiting, match=r"was not taken: 0\.0 GB of uploads are waiting to be read on this page, and "
+                                         r"it may have 0 GB\. Upload it again once the page has read them\."):
         inbox.open("session", "b")
     assert len(inbox.open("session", "a").read()) == 60
     inbox.discard("session", "a")  # read: the page has room again
@@ -113,21 +115,37 @@ def test_a_session_may_have_only_so_much_waiting_and_says_what_it_refused():
     assert len(inbox.open("session", "c").read()) == 100
 
 
-def test_bytes_sent_again_or_removed_count_until_the_page_has_read_what_waits(spool_folder):
-    """The spool only grows until nothing waits: uploads sent again under one id, or sent and removed, while one
-    waits, must not fill the disk past the limit."""
+def test_bytes_sent_again_or_removed_leave_the_disk_though_an_upload_still_waits(spool_folder):
+    """A spool only grows: uploads sent again under one id, or sent and removed, while one never read waits, must
+    neither fill the disk past the limit nor have the page refuse what fits."""
     inbox = UploadInbox(limit_bytes=100)
-    inbox.put("session", "waits", bytes(1))
-    for _ in range(10):
-        inbox.put("session", "again", bytes(40))
-    assert spooled_bytes(spool_folder) <= 100
+    inbox.put("session", "never read", b"w")
+    for turn in range(10):
+        inbox.put("session", "again", bytes([turn]) * 40)
+        assert spooled_bytes(spool_folder) <= 100
     for turn in range(10):
         inbox.put("session", f"removed-{turn}", bytes(40))
         inbox.discard("session", f"removed-{turn}")
-    assert spooled_bytes(spool_folder) <= 100
-    with pytest.raises(NotWaiting, match="was not taken"):
-        inbox.open("session", "again")
-    assert inbox.open("session", "waits").read() == bytes(1)
+        assert spooled_bytes(spool_folder) <= 100
+    assert inbox.open("session", "again").read() == bytes([9]) * 40
+    assert inbox.open("session", "never read").read() == b"w"
+
+
+def test_a_write_that_fails_leaves_nothing_behind(spool_folder, monkeypatch):
+    inbox = UploadInbox(limit_bytes=2**20)
+    write = os.pwrite
+
+    def half_then_disk_full(descriptor: int, data, offset: int) -> int:
+        write(descriptor, bytes(data[:len(data) // 2]), offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", half_then_disk_full)
+    with pytest.raises(OSError, match="No space"):
+        inbox.put("session", "a", bytes(600))
+    monkeypatch.undo()
+    assert open_spools(spool_folder) == 0
+    with pytest.raises(NotWaiting, match="removed"):
+        inbox.open("session", "a")
 
 
 def test_an_upload_read_from_the_inbox_is_queued_like_one_read_from_memory():
