@@ -174,9 +174,10 @@ class _Waiting:
 class UploadInbox:
     """Uploads from the moment they arrive until a page reads them, on disk. Streamlit would keep each in the
     server's memory until then, and of a thousand photos dropped at once, all have arrived before the page reads the
-    first. Each session writes to its own spool, freed once none of its uploads waits; until then it may hold at
-    most `limit_bytes`, counting what was sent and removed meanwhile (the spool only grows), and what would pass that
-    is refused, to be said on the page. Safe from any thread: uploads arrive on the server's, pages read on theirs."""
+    first. Each session writes to its own spool, freed once none of its uploads waits. A session may have at most
+    `limit_bytes` waiting: what would pass that is refused, to be said on the page; and a spool that would pass it
+    (it only grows, with what was sent again or removed meanwhile) gives way to a new one with what waits. Safe from
+    any thread: uploads arrive on the server's, pages read on theirs."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
