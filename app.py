@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, BinaryIO
+from typing import AsyncIterator
 
 import pandas as pd
 import streamlit as st
@@ -140,7 +140,7 @@ async def session_alive(request: Request) -> Response:
 
 class UploadsWaitOnDisk(MemoryUploadedFileManager):
     """Streamlit's keeper of uploads, but the bytes of each wait in an UploadInbox on disk until the page reads them
-    (see upload_content); Streamlit's own record of the file keeps none. Streamlit has no setting for this: the
+    (see take_uploads); Streamlit's own record of the file keeps none. Streamlit has no setting for this: the
     server's keeper becomes one of these as the server starts, before any browser can upload."""
 
     inbox: UploadInbox
@@ -432,15 +432,17 @@ def input_sources() -> tuple[list, list[str]]:
 
 
 def take_uploads(uploads: list) -> bool:
-    """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue. Streamlit keeps every
-    upload in the server's memory while its widget lists it: once spooled, each is dropped there, and the uploader
-    starts empty on the next run. Returns whether any were new."""
+    """Move new uploads, and each image in an uploaded ZIP, into the spool and the queue; one that cannot be read
+    (past the limit of what may wait, or removed meanwhile) is named. Streamlit keeps every upload (its bytes in the
+    inbox) while its widget lists it: once spooled, each is dropped there, and the uploader starts empty on the next
+    run. Returns whether any were new."""
     state = st.session_state
     new = [upload for upload in uploads if upload.file_id not in state.review.taken_uploads]
     context = get_script_run_ctx()
+    inbox = upload_inbox()
     for upload in new:
-        try:
-            with upload_content(upload) as content:
+        try:  # on a server its bytes wait in the inbox; in AppTest they are in the upload itself
+            with (upload if inbox is None else inbox.open(context.session_id, upload.file_id)) as content:
                 state.review.take_upload(upload.file_id, upload.name, content)
         except NotWaiting as why:
             state.review.refuse_upload(upload.file_id, f"'{upload.name}' {why}")
@@ -457,13 +459,6 @@ def upload_inbox() -> UploadInbox | None:
     a server."""
     context = get_script_run_ctx()
     return getattr(context.uploaded_file_mgr, "inbox", None) if context is not None else None
-
-
-def upload_content(upload: UploadedFile) -> BinaryIO:
-    """An upload's bytes: on a server, in its inbox on disk, or NotWaiting says why not; in AppTest, in the upload
-    itself."""
-    inbox = upload_inbox()
-    return upload if inbox is None else inbox.open(get_script_run_ctx().session_id, upload.file_id)
 
 
 def take_urls(urls: list[str], status) -> None:

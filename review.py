@@ -152,7 +152,7 @@ class Review:
         problem = upload_problem(name, content.seek(0, io.SEEK_END))
         content.seek(0)
         if problem:
-            self.results[key] = problem
+            self.refuse_upload(upload_id, problem)
         elif is_zip(name):
             # Keyed by place in the archive, not by name: a ZIP can hold one name twice.
             for place, (member, data, error) in enumerate(zip_images(content, name)):

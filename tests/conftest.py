@@ -68,6 +68,19 @@ def zip_of(members: dict[str, bytes]) -> bytes:
 CODE_SPAN_OR_ESCAPE = re.compile(r"(`+) (.*?) \1|\\(.)")
 
 
+def files_held_open(pid: int | str, folder: Path) -> list[int]:
+    """The size of each file in `folder` that process `pid` ("self": this one) holds open: a spool is a deleted
+    file, its descriptor all there is of it."""
+    sizes = []
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(descriptor).startswith(str(folder)):
+                sizes.append(descriptor.stat().st_size)
+        except FileNotFoundError:  # closed while listed
+            pass
+    return sizes
+
+
 def shown(markdown: str) -> str:
     """What a reader sees of escaped user text: code spans' content, and escaped characters as themselves."""
     return CODE_SPAN_OR_ESCAPE.sub(lambda match: match.group(2) if match.group(1) else match.group(3), markdown)

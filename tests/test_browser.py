@@ -4,7 +4,6 @@ action started has ended, the text it shows), never for a fixed time."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import subprocess
@@ -18,7 +17,7 @@ from typing import Iterator, NamedTuple
 
 import pytest
 
-from conftest import ROOT, STORE_VARIABLES, image_bytes
+from conftest import ROOT, STORE_VARIABLES, files_held_open, image_bytes
 from servers import free_port
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -201,25 +200,6 @@ def saved_count(page) -> str:
     return page.locator('[data-testid="stSidebar"] [data-testid="stMetricValue"]').first.inner_text()
 
 
-def spool_files(server: StreamlitServer, folder: Path) -> list[str]:
-    """The files in `folder` (the server's TMPDIR) that the server holds open: its sessions' spools of originals."""
-    links = []
-    for descriptor in Path(f"/proc/{server.process.pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed while listed
-            links.append(os.readlink(descriptor))
-    return [link for link in links if link.startswith(str(folder))]
-
-
-def spooled_bytes(server: StreamlitServer, folder: Path) -> int:
-    """How many bytes those files hold (they are deleted already: read through the server's descriptors)."""
-    total = 0
-    for descriptor in Path(f"/proc/{server.process.pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            if os.readlink(descriptor).startswith(str(folder)):
-                total += descriptor.stat().st_size
-    return total
-
-
 def resident_bytes(server: StreamlitServer) -> int:
     with open(f"/proc/{server.process.pid}/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
@@ -262,7 +242,7 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         memory_before = resident_bytes(server)
         assert page.evaluate(SEND_UPLOADS_NOBODY_READS, [8, 16 * 2**20]) == [204] * 8
         assert resident_bytes(server) - memory_before < 40 * 2**20
-        assert spooled_bytes(server, spools) >= 8 * 16 * 2**20
+        assert sum(files_held_open(server.process.pid, spools)) >= 8 * 16 * 2**20
         assert page.locator('[data-testid="stSidebarNav"]').inner_text().split() == [
             "image_search", "Classify", "history", "History"]
         with app_run(page):
@@ -296,7 +276,7 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         # Clear all empties the disk too: the page's originals, and the uploads that waited unread.
         with app_run(page):
             page.get_by_role("button", name="Clear all").click()
-        assert spooled_bytes(server, spools) == 0
+        assert sum(files_held_open(server.process.pid, spools)) == 0
         assert page.evaluate(SEND_UPLOADS_NOBODY_READS, [1, 1000]) == [204]
 
         # The History page lists both; its streamed downloads carry the corrections.
@@ -331,12 +311,12 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         other.get_by_text("81 images classified").wait_for(timeout=60_000)
         # The first browser leaves for good: the upload it never read leaves the disk, the second's originals stay,
         # and it saves from them.
-        assert len(spool_files(server, spools)) == 2
+        assert len(files_held_open(server.process.pid, spools)) == 2
         page.close()
         deadline = time.monotonic() + 30
-        while len(spool_files(server, spools)) > 1 and time.monotonic() < deadline:
+        while len(files_held_open(server.process.pid, spools)) > 1 and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(spool_files(server, spools)) == 1
+        assert len(files_held_open(server.process.pid, spools)) == 1
         with app_run(other):
             other.get_by_role("button", name="Save 81 images").click()
             other.get_by_text("Saved 81 images").wait_for(timeout=60_000)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import image_bytes, zip_of
+from conftest import files_held_open, image_bytes, zip_of
 from inputs import zip_images
 from review import Review
 from spools import NotWaiting, Spool, UploadInbox
@@ -22,29 +22,6 @@ def spool_folder(tmp_path, monkeypatch) -> Path:
     """TMPDIR for the spools this test makes, to count them."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     return tmp_path
-
-
-def open_spools(folder: Path) -> int:
-    """How many files in `folder` this process holds open (a spool is a deleted file, its descriptor all of it)."""
-    count = 0
-    for descriptor in Path("/proc/self/fd").iterdir():
-        try:
-            count += os.readlink(descriptor).startswith(str(folder))
-        except FileNotFoundError:  # the descriptor listing the folder, closed since
-            pass
-    return count
-
-
-def spooled_bytes(folder: Path) -> int:
-    """How many bytes those files hold."""
-    total = 0
-    for descriptor in Path("/proc/self/fd").iterdir():
-        try:
-            if os.readlink(descriptor).startswith(str(folder)):
-                total += descriptor.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
 
 
 def test_a_part_of_a_spool_reads_and_seeks_like_a_file_and_outlives_the_spool():
@@ -76,19 +53,19 @@ def test_the_inbox_gives_back_each_upload_until_it_is_read_then_frees_its_disk(s
     inbox.put("one", "a", b"first")
     inbox.put("one", "b", b"second")
     inbox.put("two", "a", b"other session")
-    assert open_spools(spool_folder) == 2  # one per session
+    assert len(files_held_open("self", spool_folder)) == 2  # one per session
     assert inbox.open("one", "a").read() == b"first" and inbox.open("two", "a").read() == b"other session"
 
     inbox.discard("one", "a")
     assert inbox.open("one", "b").read() == b"second"
-    assert open_spools(spool_folder) == 2
+    assert len(files_held_open("self", spool_folder)) == 2
     inbox.discard("one", "b")  # none of the session's waits: its spool goes
-    assert open_spools(spool_folder) == 1
+    assert len(files_held_open("self", spool_folder)) == 1
     inbox.put("one", "c", b"later")  # and a new one comes with the next upload
     assert inbox.open("one", "c").read() == b"later"
 
     inbox.discard_session("two")  # the session ended, its upload never read
-    assert open_spools(spool_folder) == 1
+    assert len(files_held_open("self", spool_folder)) == 1
 
 
 def test_an_upload_not_waiting_says_why():
@@ -122,11 +99,11 @@ def test_bytes_sent_again_or_removed_leave_the_disk_though_an_upload_still_waits
     inbox.put("session", "never read", b"w")
     for turn in range(10):
         inbox.put("session", "again", bytes([turn]) * 40)
-        assert spooled_bytes(spool_folder) <= 100
+        assert sum(files_held_open("self", spool_folder)) <= 100
     for turn in range(10):
         inbox.put("session", f"removed-{turn}", bytes(40))
         inbox.discard("session", f"removed-{turn}")
-        assert spooled_bytes(spool_folder) <= 100
+        assert sum(files_held_open("self", spool_folder)) <= 100
     assert inbox.open("session", "again").read() == bytes([9]) * 40
     assert inbox.open("session", "never read").read() == b"w"
 
@@ -143,7 +120,7 @@ def test_a_write_that_fails_leaves_nothing_behind(spool_folder, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         inbox.put("session", "a", bytes(600))
     monkeypatch.undo()
-    assert open_spools(spool_folder) == 0
+    assert len(files_held_open("self", spool_folder)) == 0
     with pytest.raises(NotWaiting, match="removed"):
         inbox.open("session", "a")
 
@@ -167,4 +144,4 @@ def test_a_sweep_forgets_what_sessions_gone_for_good_never_read(spool_folder):
     assert inbox.open("here", "a").read() == b"still waiting"
     with pytest.raises(NotWaiting):
         inbox.open("gone", "a")
-    assert open_spools(spool_folder) == 1
+    assert len(files_held_open("self", spool_folder)) == 1
