@@ -9,7 +9,10 @@ Everything runs through Classifier (the app's own code path). In order:
    calibration error (15 equal-width bins) before and after, and a reliability-diagram PNG;
 3. the novelty score: a bank of training images' features (class-balanced), its threshold (5% of the test split
    flagged), and AUROC against the photos of other animals in ../shared/data/not-cifar10-dev, both vs the
-   test split and vs test images made to look like photos (upscaled, re-compressed, read back as uploads).
+   test split and vs test images made to look like photos (upscaled, re-compressed, read back as uploads);
+4. real photos of the ten classes (../shared/data/real-photos-dev), through Classifier.predict with the
+   calibration and novelty score just fitted, as the app calls it: how many are right, calibration error,
+   share flagged "none of the ten", and AUROC of that score against not-cifar10-dev. Measured, never fitted.
 train.py and finetune.py call describe_model on the weights they write.
 """
 
@@ -34,7 +37,9 @@ ECE_BINS = 15
 BANK_PER_CLASS = 500       # training images per class in the novelty bank: 5,000 x 512 fp16 = 5 MB
 FLAGGED_SHARE = 0.05       # the threshold flags this share of the CIFAR-10 test split
 LOW_CONFIDENCE_ERRORS = 0.5  # the page's default flag catches at least this share of the model's mistakes
-NOT_CIFAR10 = Path(__file__).resolve().parent.parent / "shared" / "data" / "not-cifar10-dev"
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+NOT_CIFAR10 = SHARED_DATA / "not-cifar10-dev"
+REAL_PHOTOS = SHARED_DATA / "real-photos-dev"   # <class>/<photo>.jpg
 
 
 # ---------------------------------------------------------------- accuracy
@@ -166,13 +171,51 @@ def photo_like(images: torch.Tensor, size: int = 96, quality: int = 80) -> torch
     return to_uint8_batch(uploads)
 
 
-def not_cifar10_photos(folder: Path = NOT_CIFAR10) -> torch.Tensor | None:
+def read_photos(folder: Path) -> tuple[list[Image.Image], list[str]] | None:
+    """The photos in folder/<group>/, read as the app reads uploads, and each one's group; None if there are none."""
     from inputs import load_image
 
     paths = sorted(path for path in folder.glob("*/*") if path.is_file()) if folder.is_dir() else []
     if not paths:
         return None
-    return to_uint8_batch([load_image(path.read_bytes(), path.name) for path in paths])
+    return [load_image(path.read_bytes(), path.name) for path in paths], [path.parent.name for path in paths]
+
+
+def not_cifar10_photos(folder: Path = NOT_CIFAR10) -> torch.Tensor | None:
+    photos = read_photos(folder)
+    return None if photos is None else to_uint8_batch(photos[0])
+
+
+def real_photos_report(classifier: Classifier, others: torch.Tensor | None, folder: Path = REAL_PHOTOS) -> dict | None:
+    """What a person uploading photos of the ten classes gets from classifier (calibrated, with its novelty
+    score): counts rather than decimals, as the set is small; None without the photos."""
+    photos = read_photos(folder)
+    if photos is None:
+        return None
+    images, groups = photos
+    labels = torch.tensor([CLASSES.index(group) for group in groups])
+    predictions = classifier.predict(images)
+    probabilities = torch.tensor([prediction.probabilities for prediction in predictions])
+    predicted = probabilities.argmax(dim=1)
+    mistakes: dict[str, int] = {}
+    for truth, guess in zip(labels.tolist(), predicted.tolist()):
+        if truth != guess:
+            pair = f"{CLASSES[truth]} -> {CLASSES[guess]}"
+            mistakes[pair] = mistakes.get(pair, 0) + 1
+    report = {
+        "folder": folder.name,
+        "photos": len(labels),
+        "right": int((predicted == labels).sum()),
+        "ece": round(expected_calibration_error(probabilities, labels), 4),
+        "mean_confidence": round(probabilities.max(dim=1).values.mean().item(), 4),
+        "flagged": sum(prediction.is_ood for prediction in predictions),
+        "most_confused": dict(sorted(mistakes.items(), key=lambda item: -item[1])[:5]),
+    }
+    if others is not None and classifier.novelty is not None:
+        other_scores = classifier.novelty.scores(classifier.outputs(others)[1])
+        scores = torch.tensor([prediction.ood_score for prediction in predictions])
+        report["auroc_not_cifar10_vs_these"] = round(auroc(other_scores, scores), 4)
+    return report
 
 
 # ---------------------------------------------------------------- the model card
@@ -228,6 +271,10 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
             "max_softmax_auroc_vs_photo_like_test_split": round(auroc(msp["other"], msp["photo"]), 4),
         }
 
+    calibrated = Classifier(raw.model, raw.version, calibration=calibration,
+                            novelty=Novelty(bank, round(threshold, 6)))
+    real_photos = real_photos_report(calibrated, others)
+
     card = {
         **card,
         "test_accuracy": round(plain["accuracy"], 4),
@@ -246,6 +293,7 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
         },
         "low_confidence_threshold": low_confidence_threshold(after, test_y[held_out]),
         "novelty": novelty_card,
+        **({"real_photos": real_photos} if real_photos is not None else {}),
     }
     save_atomically(weights.with_suffix(".json"), lambda path: path.write_text(json.dumps(card, indent=2) + "\n"))
     print(f"{weights}: test accuracy {card['test_accuracy']:.2%}, with flip TTA {card['test_accuracy_tta']:.2%}; "
@@ -253,6 +301,11 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
           f"novelty threshold {threshold:.4f}" + (f", AUROC {novelty_card['auroc_vs_test_split']:.3f} vs the test "
                                                  f"split, {novelty_card['auroc_vs_photo_like_test_split']:.3f} vs "
                                                  "photo-like test images" if others is not None else ""), flush=True)
+    if real_photos is not None:
+        print(f"real photos of the ten: {real_photos['right']} of {real_photos['photos']} right, ECE "
+              f"{real_photos['ece']:.1%}, {real_photos['flagged']} flagged none of the ten"
+              + (f", AUROC {real_photos['auroc_not_cifar10_vs_these']:.3f} against not-cifar10-dev"
+                 if "auroc_not_cifar10_vs_these" in real_photos else ""), flush=True)
     return card
 
 
@@ -271,7 +324,8 @@ def main() -> None:
     card = describe_model(args.weights, load_cifar10(args.data), card)
     for name, accuracy in card["per_class_accuracy_tta"].items():
         print(f"  {name:<10} {accuracy:.1%}")
-    print(json.dumps({key: card[key] for key in ("test_accuracy_tta", "calibration", "novelty")}, indent=2))
+    print(json.dumps({key: card[key] for key in ("test_accuracy_tta", "calibration", "novelty", "real_photos")
+                      if key in card}, indent=2))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_train_resume_and_model_card(tmp_path):
     assert saved["weights_sha256"] == file_sha256(tmp_path / "model.pt")
     assert {"ece_before", "ece_after", "parameters"} <= set(saved["calibration"]) and saved["novelty"]["threshold"] > 0
     assert (tmp_path / "model.novelty.pt").is_file() and (tmp_path / "model.reliability.png").is_file()
+    assert saved["real_photos"]["photos"] == 164 and 0 <= saved["real_photos"]["right"] <= 164
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(value.dtype == torch.float16 for value in weights.values() if value.is_floating_point())
     prediction = load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0]
