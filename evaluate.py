@@ -273,7 +273,7 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
 
     calibrated = Classifier(raw.model, raw.version, calibration=calibration,
                             novelty=Novelty(bank, round(threshold, 6)))
-    real_photos = real_photos_report(calibrated, others)
+    real_photos = real_photos_report(calibrated, others, REAL_PHOTOS)
 
     card = {
         **card,

@@ -20,7 +20,8 @@ import torch
 from classes import CLASSES
 from classifier import load_classifier, to_uint8_batch
 from cifar10 import load_cifar10
-from train import DEFAULT_OUT, add_common_arguments, check_device, train_epoch, write_model
+from train import (DEFAULT_OUT, HYPERPARAMETERS as TRAINING, add_common_arguments, check_device, steps_per_epoch,
+                   train_epoch, write_model)
 
 # ---------------------------------------------------------------- hyperparameters
 HYPERPARAMETERS = dict(
@@ -33,6 +34,7 @@ HYPERPARAMETERS = dict(
     label_smoothing=0.2,
     translate=4,
     cutout=8,
+    photo_augment=TRAINING["photo_augment"],  # as the model was trained
     seed=0,
 )
 
@@ -104,7 +106,7 @@ def finetune(args: argparse.Namespace) -> dict | None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     device_generator = torch.Generator(device=device).manual_seed(args.seed)
-    total_steps = args.epochs * (len(images) // args.batch_size)
+    total_steps = args.epochs * steps_per_epoch(len(images), args.batch_size)
     started, history = time.time(), []
     for epoch in range(args.epochs):
         loss = train_epoch(model, optimizer, images, labels, args, device_generator, 32, epoch, args.epochs,

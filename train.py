@@ -7,16 +7,20 @@
 
 Recipe: Nesterov SGD with a warm-up then linear decay to zero, label smoothing, flip + translate + cutout
 done with tensor ops on uint8 data held in memory, bf16 autocast + channels_last, and progressive resizing
-(the first epochs at 24x24, which costs about half as much per image). The weights, their model card, the
-calibration and the "none of the ten" statistics are written at the end (evaluate.describe_model).
-Fine-tuning on saved corrections is finetune.py.
+(the first epochs at 24x24, which costs about half as much per image). Two more, off here: a share of each
+batch made to look like a shrunk photo (--photo-augment), and a moving average of the weights (--ema).
+The weights, their model card, the calibration, the "none of the ten" statistics and the numbers on real
+photos are written at the end (evaluate.describe_model). bench/recipes.py compares candidate recipes;
+fine-tuning on saved corrections is finetune.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -42,6 +46,9 @@ HYPERPARAMETERS = dict(
     label_smoothing=0.2,
     translate=4,            # random shifts of up to this many pixels (reflect-padded)
     cutout=8,               # a square of this side blanked at a random place
+    photo_augment=0.0,      # share of each batch made to look like a shrunk photo (look_like_photos); 0: none
+    ema=0.0,                # decay per step of a moving average of the weights, which is then what is
+                            # evaluated and saved (0.998: about the last 500 steps); 0: the weights as trained
     eval_every=4,           # epochs between test evaluations (without TTA) in the history
     seed=0,
 )
@@ -53,14 +60,51 @@ DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
 
 # ---------------------------------------------------------------- augmentation
 
-def augment(images: torch.Tensor, translate: int, cutout: int, generator: torch.Generator) -> torch.Tensor:
-    """Random mirror, translation (reflect-padded crop) and cutout on a uint8 batch; returns normalised floats."""
+def look_like_photos(images: torch.Tensor, generator: torch.Generator, crop_area: tuple[float, float] = (0.35, 1.0),
+                     jitter: float = 0.25) -> torch.Tensor:
+    """CIFAR images (float, 0..255) made to look like photos as the app shrinks them: a random crop (a share
+    crop_area of the area, aspect 3:4 to 4:3) rendered at twice the size, brightness, contrast and saturation
+    each scaled by up to +-jitter, then shrunk back with anti-aliasing, as to_uint8_batch shrinks an upload, and
+    rounded to whole levels. Photos frame their subject more loosely and look smoother than the training JPEGs."""
     n, _, h, w = images.shape
     device = images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+    area = uniform(*crop_area)
+    aspect = uniform(math.log(3 / 4), math.log(4 / 3)).exp()
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 1, 1] = width, height
+    theta[:, 0, 2], theta[:, 1, 2] = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+    grid = F.affine_grid(theta, [n, 3, 2 * h, 2 * w], align_corners=False)
+    x = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    if jitter:
+        luma = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
+        x = x * uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
+        mean = (x * luma).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+        x = mean + (x - mean) * uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
+        gray = (x * luma).sum(dim=1, keepdim=True)
+        x = gray + (x - gray) * uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
+    x = F.interpolate(x.clamp(0, 255), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return x.round()
+
+
+def augment(images: torch.Tensor, translate: int, cutout: int, generator: torch.Generator,
+            photo_share: float = 0.0) -> torch.Tensor:
+    """Make a share of the uint8 batch look like photos, then random mirror, translation (reflect-padded crop)
+    and cutout on all of it; returns normalised floats."""
+    n, _, h, w = images.shape
+    device = images.device
+    images = images.float()
+    if photo_share:
+        chosen = torch.rand(n, generator=generator, device=device) < photo_share
+        images = torch.where(chosen.view(-1, 1, 1, 1), look_like_photos(images, generator), images)
     flip = torch.rand(n, generator=generator, device=device) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     if translate:
-        padded = F.pad(images.float(), (translate,) * 4, mode="reflect")
+        padded = F.pad(images, (translate,) * 4, mode="reflect")
         dy = torch.randint(0, 2 * translate + 1, (n,), generator=generator, device=device)
         dx = torch.randint(0, 2 * translate + 1, (n,), generator=generator, device=device)
         rows = (dy.view(-1, 1) + torch.arange(h, device=device)).view(n, 1, h, 1)
@@ -86,6 +130,29 @@ def learning_rate(step: int, total_steps: int, peak: float, warmup: float) -> fl
     if step < warmup_steps:
         return peak * (0.1 + 0.9 * step / warmup_steps)
     return peak * max(0.0, (total_steps - step) / (total_steps - warmup_steps))
+
+
+def some_images(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """count images chosen at random: the data sets list one class after another, so the first ones are one class."""
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[chosen], labels[chosen]
+
+
+def steps_per_epoch(images: int, batch_size: int) -> int:
+    """Whole batches in an epoch, and at least one: a data set smaller than a batch is one batch."""
+    return max(1, images // batch_size)
+
+
+@torch.no_grad()
+def update_average(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Move average's weights and batch-norm statistics a share 1 - decay of the way to model's."""
+    pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
+    floats = [(averaged, current) for averaged, current in pairs if averaged.is_floating_point()]
+    # One fused update of every tensor: a GPU step launches a few kernels, not one per tensor.
+    torch._foreach_lerp_([averaged for averaged, _ in floats], [current for _, current in floats], 1 - decay)
+    for averaged, current in pairs:
+        if not averaged.is_floating_point():
+            averaged.copy_(current)  # the batch counters
 
 
 def format_seconds(seconds: float) -> str:
@@ -124,7 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_arguments(parser)
     for name, default in HYPERPARAMETERS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    parser.add_argument("--limit", type=int, default=0, help="train on the first N images only (smoke tests)")
+    parser.add_argument("--limit", type=int, default=0, help="train on N images only, chosen at random (smoke tests)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     args = check_device(parser, parser.parse_args(argv))
@@ -135,19 +202,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 args: argparse.Namespace, generator: torch.Generator, resolution: int, epoch: int, epochs: int,
-                lr_at_step) -> float:
-    """One pass over shuffled, augmented batches (images, labels and generator on the model's device);
-    returns the smoothed loss."""
+                lr_at_step, average: torch.nn.Module | None = None) -> float:
+    """One pass over shuffled, augmented batches (images, labels and generator on the model's device), moving
+    the average of the weights (if any) after each step; returns the smoothed loss."""
     device = images.device
     use_bf16 = bf16_supported(device)
-    steps = len(images) // args.batch_size
+    steps = steps_per_epoch(len(images), args.batch_size)
     order = torch.randperm(len(images), generator=generator, device=device)
     started, running_loss = time.time(), torch.zeros((), device=device)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(epoch * steps + step)
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x = augment(images[index], args.translate, args.cutout, generator)
+        x = augment(images[index], args.translate, args.cutout, generator, args.photo_augment)
         if resolution != x.shape[-1]:
             x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -155,6 +222,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            update_average(average, model, args.ema)
         running_loss = loss.detach() if step == 0 else 0.98 * running_loss + 0.02 * loss.detach()
         rate = (step + 1) * args.batch_size / (time.time() - started)
         images_left = (steps - step - 1 + (epochs - epoch - 1) * steps) * args.batch_size
@@ -183,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
     data = load_cifar10(args.data)
     train_x, train_y = data["train_x"], data["train_y"]
     if args.limit:
-        train_x, train_y = train_x[:args.limit], train_y[:args.limit]
+        train_x, train_y = some_images(train_x, train_y, args.limit, args.seed)
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = data["test_x"], data["test_y"]
     print(f"data: {len(train_x)} training and {len(test_x)} test images from {data['source']}", flush=True)
@@ -191,42 +260,48 @@ def train(args: argparse.Namespace) -> dict:
     model = build_model().to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
+    average = copy.deepcopy(model) if args.ema else None
+    kept = model if average is None else average  # what is evaluated and saved
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    steps_per_epoch = len(train_x) // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
+    steps = steps_per_epoch(len(train_x), args.batch_size)
+    total_steps = steps * args.epochs
     history, start_epoch, elapsed = [], 0, 0.0
     if args.resume:
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["model"])
+        if average is not None:  # a run that had no average starts one from where it is
+            average.load_state_dict(checkpoint.get("average") or checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         history, start_epoch, elapsed = checkpoint["history"], checkpoint["epoch"], checkpoint["elapsed"]
         print(f"resumed from {args.checkpoint} after epoch {start_epoch}", flush=True)
     bf16 = bf16_supported(device)
-    print(f"{args.epochs} epochs, {steps_per_epoch} steps each on {device}, bf16 autocast {'on' if bf16 else 'off'}",
+    print(f"{args.epochs} epochs, {steps} steps each on {device}, bf16 autocast {'on' if bf16 else 'off'}",
           flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         started = time.time()
         resolution = args.low_res if epoch < args.low_res_epochs else 32
         running_loss = train_epoch(model, optimizer, train_x, train_y, args, generator, resolution,
-                                   epoch, args.epochs, lambda step: learning_rate(step, total_steps, args.lr, args.warmup))
+                                   epoch, args.epochs, lambda step: learning_rate(step, total_steps, args.lr, args.warmup),
+                                   average)
         seconds = time.time() - started
         elapsed += seconds
         record = {"epoch": epoch + 1, "resolution": resolution, "loss": round(running_loss, 4), "seconds": round(seconds, 1)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            record["test_accuracy"] = round(evaluate(model, test_x, test_y, tta=False)["accuracy"], 4)
-            model.train()
+            record["test_accuracy"] = round(evaluate(kept, test_x, test_y, tta=False)["accuracy"], 4)
+            kept.train()
         history.append(record)
         print(json.dumps(record), flush=True)
         save_atomically(args.checkpoint, lambda path: torch.save({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "model": model.state_dict(), "average": None if average is None else average.state_dict(),
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
             "history": history, "epoch": epoch + 1, "elapsed": elapsed, "args": vars(args),
         }, path))
 
     hyperparameters = {name: getattr(args, name) for name in HYPERPARAMETERS} | {"limit": args.limit}
-    return write_model(model, args.out, data, {"epochs": len(history), "training_seconds": round(elapsed),
-                                               "history": history, "hyperparameters": hyperparameters})
+    return write_model(kept, args.out, data, {"epochs": len(history), "training_seconds": round(elapsed),
+                                              "history": history, "hyperparameters": hyperparameters})
 
 
 def write_model(model: torch.nn.Module, out: Path, data: dict, training: dict) -> dict:

@@ -14,6 +14,7 @@ from PIL import Image
 
 import cifar10
 import classifier
+import evaluate
 import finetune
 import train
 from archives import iter_zip
@@ -33,9 +34,16 @@ def make_image_folder(root, per_class: int) -> None:
                 Image.new("RGB", (32, 32), color).save(folder / f"{number}.png")
 
 
-def test_train_resume_and_model_card(tmp_path):
-    make_image_folder(tmp_path / "data", per_class=4)
-    common = ["--data", str(tmp_path / "data"), "--batch-size", "8", "--low-res-epochs", "1",
+@pytest.fixture
+def tiny_photo_set(tmp_path, monkeypatch):
+    """The made-up test split stands in for the real photos of the ten, which take seconds per model card."""
+    make_image_folder(tmp_path / "data", per_class=2)
+    monkeypatch.setattr(evaluate, "REAL_PHOTOS", tmp_path / "data" / "test")
+
+
+def test_train_resume_and_model_card(tmp_path, tiny_photo_set):
+    common = ["--data", str(tmp_path / "data"), "--batch-size", "8", "--low-res-epochs", "1", "--ema", "0.9",
+              "--photo-augment", "0.5",
               "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "model.pt")]
 
     first = train.parse_args(common + ["--epochs", "1"])
@@ -49,15 +57,24 @@ def test_train_resume_and_model_card(tmp_path):
     assert card["history"][1]["resolution"] == 32 and "test_accuracy" in card["history"][1]
 
     saved = json.loads((tmp_path / "model.json").read_text())
-    assert saved["test_images"] == 40 and set(saved["per_class_accuracy_tta"]) == set(CLASSES)
+    assert saved["test_images"] == 20 and set(saved["per_class_accuracy_tta"]) == set(CLASSES)
     assert 0 <= saved["test_accuracy"] <= 1 and saved["epochs"] == 2 and saved["data"]["folder"]
     assert saved["hyperparameters"]["label_smoothing"] == train.HYPERPARAMETERS["label_smoothing"]
     assert saved["weights_sha256"] == file_sha256(tmp_path / "model.pt")
     assert {"ece_before", "ece_after", "parameters"} <= set(saved["calibration"]) and saved["novelty"]["threshold"] > 0
     assert (tmp_path / "model.novelty.pt").is_file() and (tmp_path / "model.reliability.png").is_file()
-    assert saved["real_photos"]["photos"] == 164 and 0 <= saved["real_photos"]["right"] <= 164
+    assert saved["real_photos"]["photos"] == 20 and 0 <= saved["real_photos"]["right"] <= 20
     weights = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(value.dtype == torch.float16 for value in weights.values() if value.is_floating_point())
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    average, trained = checkpoint["average"], checkpoint["model"]
+    assert all(torch.equal(weights[name], value.half()) for name, value in average.items())  # the average is saved
+    torch.manual_seed(0)
+    initial = classifier.build_model().state_dict()  # what train.py starts from with --seed 0
+    moved = [name for name, value in average.items() if value.is_floating_point() and "weight" in name]
+    assert all(not torch.equal(average[name], initial[name]) and not torch.equal(average[name], trained[name])
+               for name in moved)  # the average followed the training, a step behind
+    assert saved["hyperparameters"]["ema"] == 0.9 and saved["hyperparameters"]["photo_augment"] == 0.5
     prediction = load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0]
     assert prediction.label in CLASSES and prediction.ood_score >= 0
 
@@ -105,13 +122,110 @@ def test_augment_shifts_by_up_to_translate_pixels_and_mirrors():
     assert len({(dy, dx) for _, dy, dx in seen}) > 20  # shifts of every size, not one
 
 
-def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store_env):
+def test_a_limited_run_trains_on_every_class_not_the_first_one():
+    labels = torch.arange(10).repeat_interleave(500)  # as the archives list them: one class after another
+    images = torch.arange(5000).view(-1, 1, 1, 1).expand(5000, 3, 2, 2)
+    some_x, some_y = train.some_images(images, labels, 1000, seed=0)
+    assert len(some_y) == 1000 and torch.equal(labels[some_x[:, 0, 0, 0]], some_y)
+    assert torch.bincount(some_y, minlength=10).min() > 60 and len(set(some_x[:, 0, 0, 0].tolist())) == 1000
+
+
+def test_the_average_of_the_weights_moves_a_share_of_the_way_and_copies_the_counters():
+    model, average = classifier.build_model(), classifier.build_model()
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.fill_(3 if value.is_floating_point() else 7)
+        for value in average.state_dict().values():
+            value.fill_(1 if value.is_floating_point() else 0)
+    train.update_average(average, model, decay=0.75)
+    for name, value in average.state_dict().items():
+        expected = 1.5 if value.is_floating_point() else 7  # 1 + (3 - 1) / 4
+        assert torch.all(value == expected), name
+
+
+def ramps(n: int) -> torch.Tensor:
+    """Pictures brighter to the right by 7 levels a pixel: a crop to a share of the width flattens the slope to
+    that share."""
+    return (torch.arange(32).float() * 7 + 16).expand(n, 3, 32, 32).clone()
+
+
+def test_look_like_photos_crops_a_share_of_the_area_anywhere_and_shrinks_smoothly():
+    out = train.look_like_photos(ramps(200), torch.Generator().manual_seed(0), crop_area=(0.35, 1.0), jitter=0)
+    assert out.shape == (200, 3, 32, 32) and torch.equal(out, out.round())
+    slopes = (out[:, :, :, 20] - out[:, :, :, 12]).mean(dim=(1, 2)) / 8 / 7  # the share of the width kept
+    widest, narrowest = 1.0, (0.35 * 3 / 4) ** 0.5
+    assert slopes.min() > narrowest - 0.03 and slopes.max() < widest + 0.03, (slopes.min(), slopes.max())
+    assert slopes.quantile(0.1) < 0.7 and slopes.quantile(0.9) > 0.9  # crops of every size, not one
+    centres = out[:, 0, 16, 16]
+    assert centres.max() - centres.min() > 60  # crops from left and right, not the middle only
+    assert (out[:, :, :, 1:] >= out[:, :, :, :-1] - 1).all()  # still a ramp: no ringing or wrap-around
+
+
+def test_look_like_photos_jitters_brightness_contrast_and_saturation_within_the_range():
+    colour = torch.tensor([200.0, 100.0, 50.0]).view(1, 3, 1, 1).expand(400, 3, 32, 32).clone()
+    out = train.look_like_photos(colour, torch.Generator().manual_seed(0), jitter=0.25)
+    assert torch.equal(out, out[:, :, :1, :1].expand_as(out))  # a plain colour stays plain: no spatial marks
+    pixel = out[:, :, 0, 0]
+    assert pixel.min() >= 0 and pixel.max() <= 255
+    brightness = pixel.mean(dim=1) / colour[0, :, 0, 0].mean()
+    assert brightness.min() < 0.85 and brightness.max() > 1.15 and brightness.min() > 0.75 ** 2 / 1.25
+    spread = (pixel[:, 0] - pixel[:, 2]) / 150  # red minus blue: saturation times brightness
+    assert spread.min() < 0.8 and spread.max() > 1.2
+
+
+def test_augment_makes_about_the_asked_share_look_like_photos():
+    images = random_images(200)
+    out = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0), photo_share=0.3)
+    untouched = [torch.equal(out[i], normalize(images[i:i + 1])[0]) or torch.equal(out[i], normalize(images[i:i + 1].flip(3))[0])
+                 for i in range(200)]
+    assert 40 <= untouched.count(False) <= 80
+    plain = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain, train.augment(images, 0, 0, torch.Generator().manual_seed(0), photo_share=0.0))
+
+
+def load_recipes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipes", ROOT / "bench" / "recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_path, tiny_photo_set):
+    """Smaller than one of the recipe's batches of 500, the data set still trains (one step an epoch)."""
+    recipes = load_recipes()
+    out = tmp_path / "out"
+    recipes.main(["--out", str(out), "--data", str(tmp_path / "data"), "--only", "photos-ema", "--epochs", "1"])
+    card = json.loads((out / "photos-ema.json").read_text())
+    shipped = json.loads(classifier.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    header, rule, *rows = (out / "recipes.md").read_text().splitlines()
+    assert rows == [recipes.row("shipped", shipped), recipes.row("photos-ema", card)] and "real photos" in header
+    assert rows[1].startswith("| photos-ema | 1 | ") and f"of {card['real_photos']['photos']}" in rows[1]
+    wanted = recipes.RECIPES["photos-ema"] | {"epochs": 1}
+    assert {name: card["hyperparameters"][name] for name in wanted} == wanted
+    assert card["history"][0]["loss"] > 0
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        f"photos-ema{suffix}" for suffix in (".pt", ".json", ".novelty.pt", ".confusion.png", ".reliability.png")) + [
+        "recipes.md"]
+
+
+def test_every_recipe_is_a_train_py_command_line(tmp_path, capsys):
+    recipes = load_recipes()
+    for name, recipe in recipes.RECIPES.items():
+        parsed = train.parse_args(recipes.train_flags(name, recipes.parse_args(["--out", str(tmp_path)])))
+        assert {key: getattr(parsed, key) for key in recipe} == recipe
+    with pytest.raises(SystemExit):
+        recipes.parse_args(["--out", str(tmp_path), "--only", "anchor,photo"])
+    assert "no recipe named photo;" in capsys.readouterr().err
+
+
+def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store_env, tiny_photo_set):
     """The History page's ZIP goes straight into --finetune; the new weights are written only when allowed."""
     from db import NewPrediction, Store
     from conftest import image_bytes
     import hashlib
 
-    make_image_folder(tmp_path / "data", per_class=2)
     store = Store.from_env()
     exported = [image_bytes("PNG", size=(40, 40), color=(30 * i, 200 - 15 * i, 90)) for i in range(6)]
     store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", f"{i}.png", "cat", 0.4,
