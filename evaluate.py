@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -171,14 +173,26 @@ def photo_like(images: torch.Tensor, size: int = 96, quality: int = 80) -> torch
     return to_uint8_batch(uploads)
 
 
-def read_photos(folder: Path) -> tuple[list[Image.Image], list[str]] | None:
-    """The photos in folder/<group>/, read as the app reads uploads, and each one's group; None if there are none."""
-    from inputs import load_image
+def read_photos(folder: Path, groups: Sequence[str] | None = None) -> tuple[list[Image.Image], list[str]] | None:
+    """The photos in folder/<group>/ (only the groups named, if any), read as the app reads uploads, and each
+    one's group; None if there are none. Hidden files are passed over, and what is not a picture is skipped
+    with a warning: a stray file must not stop a model's description halfway."""
+    from inputs import InvalidImageError, load_image
 
-    paths = sorted(path for path in folder.glob("*/*") if path.is_file()) if folder.is_dir() else []
-    if not paths:
-        return None
-    return [load_image(path.read_bytes(), path.name) for path in paths], [path.parent.name for path in paths]
+    paths = sorted(path for path in folder.glob("*/*") if path.is_file() and not path.name.startswith(".")
+                   and not path.parent.name.startswith(".")) if folder.is_dir() else []
+    images, names = [], []
+    for path in paths:
+        if groups is not None and path.parent.name not in groups:
+            warnings.warn(f"skipped {path}: {path.parent.name}/ is not one of {', '.join(groups)}", stacklevel=2)
+            continue
+        try:
+            images.append(load_image(path.read_bytes(), path.name))
+        except (OSError, InvalidImageError) as error:
+            warnings.warn(f"skipped {path}: {error}", stacklevel=2)
+            continue
+        names.append(path.parent.name)
+    return (images, names) if images else None
 
 
 def not_cifar10_photos(folder: Path = NOT_CIFAR10) -> torch.Tensor | None:
@@ -189,7 +203,7 @@ def not_cifar10_photos(folder: Path = NOT_CIFAR10) -> torch.Tensor | None:
 def real_photos_report(classifier: Classifier, others: torch.Tensor | None, folder: Path = REAL_PHOTOS) -> dict | None:
     """What a person uploading photos of the ten classes gets from classifier (calibrated, with its novelty
     score): counts rather than decimals, as the set is small; None without the photos."""
-    photos = read_photos(folder)
+    photos = read_photos(folder, CLASSES)
     if photos is None:
         return None
     images, groups = photos
@@ -220,13 +234,15 @@ def real_photos_report(classifier: Classifier, others: torch.Tensor | None, fold
 
 # ---------------------------------------------------------------- the model card
 
-def describe_model(weights: Path, data: dict, card: dict) -> dict:
-    """Measure the weights at `weights` on `data` and write their model card (card's fields plus what is
-    measured here), novelty bank, confusion matrix and reliability diagram beside them."""
+def describe_model(weights: Path, data: dict, card: dict, device: str | torch.device = "cpu") -> dict:
+    """Measure the weights at `weights` on `data` (the model on `device`: a GPU that just trained it does in
+    seconds what takes the CPU minutes) and write their model card (card's fields plus what is measured here),
+    novelty bank, confusion matrix and reliability diagram beside them; the card and bank last, together."""
     from charts import confusion_matrix_figure
     from classifier import Novelty, load_weights
 
     raw = load_weights(weights)  # uncalibrated: its old card and bank, if any, are replaced below
+    raw = Classifier(raw.model.to(device), raw.version)
     test_x, test_y = data["test_x"], data["test_y"]
     plain = evaluate(raw, test_x, test_y, tta=False)
     logits, features = raw.outputs(test_x)
@@ -246,7 +262,6 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
     novelty = Novelty(bank, 0.0)
     test_scores = novelty.scores(features)
     threshold = torch.quantile(test_scores, 1 - FLAGGED_SHARE).item()
-    save_atomically(novelty_path(weights), lambda path: torch.save({"bank": bank}, path))
     others = not_cifar10_photos()
     novelty_card = {
         "method": "1 - cosine similarity of the penultimate features (flip-averaged) to the nearest of "
@@ -295,6 +310,7 @@ def describe_model(weights: Path, data: dict, card: dict) -> dict:
         "novelty": novelty_card,
         **({"real_photos": real_photos} if real_photos is not None else {}),
     }
+    save_atomically(novelty_path(weights), lambda path: torch.save({"bank": bank}, path))
     save_atomically(weights.with_suffix(".json"), lambda path: path.write_text(json.dumps(card, indent=2) + "\n"))
     print(f"{weights}: test accuracy {card['test_accuracy']:.2%}, with flip TTA {card['test_accuracy_tta']:.2%}; "
           f"ECE {card['calibration']['ece_before']:.1%} -> {card['calibration']['ece_after']:.1%}; "

@@ -35,6 +35,7 @@ HYPERPARAMETERS = dict(
     translate=4,
     cutout=8,
     photo_augment=TRAINING["photo_augment"],  # as the model was trained
+    pixmix=TRAINING["pixmix"],
     seed=0,
 )
 

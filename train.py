@@ -7,8 +7,9 @@
 
 Recipe: Nesterov SGD with a warm-up then linear decay to zero, label smoothing, flip + translate + cutout
 done with tensor ops on uint8 data held in memory, bf16 autocast + channels_last, and progressive resizing
-(the first epochs at 24x24, which costs about half as much per image). Two more, off here: a share of each
-batch made to look like a shrunk photo (--photo-augment), and a moving average of the weights (--ema).
+(the first epochs at 24x24, which costs about half as much per image). Three more, off here: a share of each
+batch made to look like a shrunk photo (--photo-augment) or mixed with fractal pictures (--pixmix), and a
+moving average of the weights (--ema).
 The weights, their model card, the calibration, the "none of the ten" statistics and the numbers on real
 photos are written at the end (evaluate.describe_model). bench/recipes.py compares candidate recipes;
 fine-tuning on saved corrections is finetune.py.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from cifar10 import CACHE, load_cifar10
 from classifier import bf16_supported, build_model, normalize, save_atomically
+from fractals import fractal_pictures
 
 # ---------------------------------------------------------------- hyperparameters
 # The CPU recipe: 22 epochs, about 2 hours on 2 cores, 91% with flip TTA. Every one is a flag (--help);
@@ -46,13 +48,15 @@ HYPERPARAMETERS = dict(
     label_smoothing=0.2,
     translate=4,            # random shifts of up to this many pixels (reflect-padded)
     cutout=8,               # a square of this side blanked at a random place
-    photo_augment=0.0,      # share of each batch made to look like a shrunk photo (look_like_photos); 0: none
-    ema=0.0,                # decay per step of a moving average of the weights, which is then what is
-                            # evaluated and saved (0.998: about the last 500 steps); 0: the weights as trained
+    photo_augment=0.0,      # share of each batch cropped and recoloured as photos vary (look_like_photos); 0: none
+    pixmix=0.0,             # share of each batch mixed with fractal pictures (PixMix, fresh ones each epoch); 0: none
+    ema=0.0,                # decay per step of a moving average of the weights, which is then what is evaluated
+                            # and saved (0.998: about the last 500 steps; less in the first steps); 0: none
     eval_every=4,           # epochs between test evaluations (without TTA) in the history
     seed=0,
 )
 
+FRACTALS_PER_EPOCH = 1000   # new fractal pictures for PixMix each epoch (at most one per training image)
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "models" / "resnet18_cifar10.pt"
 DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
@@ -62,23 +66,24 @@ DEFAULT_CHECKPOINT = CACHE / "train" / "checkpoint.pt"
 
 def look_like_photos(images: torch.Tensor, generator: torch.Generator, crop_area: tuple[float, float] = (0.35, 1.0),
                      jitter: float = 0.25) -> torch.Tensor:
-    """CIFAR images (float, 0..255) made to look like photos as the app shrinks them: a random crop (a share
-    crop_area of the area, aspect 3:4 to 4:3) rendered at twice the size, brightness, contrast and saturation
-    each scaled by up to +-jitter, then shrunk back with anti-aliasing, as to_uint8_batch shrinks an upload, and
-    rounded to whole levels. Photos frame their subject more loosely and look smoother than the training JPEGs."""
+    """Float 0..255 images cropped and recoloured at random, as a photo's framing and light vary: a crop of a
+    share crop_area of the area, anywhere, at an aspect of 3:4 to 4:3 (narrowed where the crop would not fit),
+    resampled bicubically to the input size; then brightness, contrast and saturation each scaled by up to
+    +-jitter; rounded to whole levels as the app's input is."""
     n, _, h, w = images.shape
     device = images.device
 
-    def uniform(low: float, high: float) -> torch.Tensor:
+    def uniform(low: float | torch.Tensor, high: float | torch.Tensor) -> torch.Tensor:
         return low + (high - low) * torch.rand(n, generator=generator, device=device)
 
     area = uniform(*crop_area)
-    aspect = uniform(math.log(3 / 4), math.log(4 / 3)).exp()
-    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+    widest = torch.minimum(torch.full_like(area, math.log(4 / 3)), -area.log())  # width = sqrt(area * aspect) <= 1
+    log_aspect = uniform(-widest, widest)
+    width, height = (area * log_aspect.exp()).sqrt(), (area / log_aspect.exp()).sqrt()
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 1, 1] = width, height
     theta[:, 0, 2], theta[:, 1, 2] = uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
-    grid = F.affine_grid(theta, [n, 3, 2 * h, 2 * w], align_corners=False)
+    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     x = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     if jitter:
         luma = torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)
@@ -87,20 +92,58 @@ def look_like_photos(images: torch.Tensor, generator: torch.Generator, crop_area
         x = mean + (x - mean) * uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
         gray = (x * luma).sum(dim=1, keepdim=True)
         x = gray + (x - gray) * uniform(1 - jitter, 1 + jitter).view(n, 1, 1, 1)
-    x = F.interpolate(x.clamp(0, 255), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return x.round()
+    return x.clamp(0, 255).round()
+
+
+def mixing_weights(n: int, strength: float, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """PixMix's weights of the image (a) and the picture mixed in (b): half the time a ~ Beta(strength, 1) and
+    b ~ Beta(1, strength), a blend that keeps most of the image; else a = 1 + c and b = -c, c ~ Beta(1, strength),
+    a push away from the picture. Drawn by inverting the Beta(s, 1) distribution function: u ** (1 / s)."""
+    def beta_s_1() -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=device) ** (1 / strength)
+
+    blend = torch.rand(n, generator=generator, device=device) < 0.5
+    a_blend, b_blend, push = beta_s_1(), 1 - beta_s_1(), 1 - beta_s_1()
+    a = torch.where(blend, a_blend, 1 + push)
+    b = torch.where(blend, b_blend, -push)
+    return a.view(n, 1, 1, 1), b.view(n, 1, 1, 1)
+
+
+def pixmix(images: torch.Tensor, pictures: torch.Tensor, generator: torch.Generator, rounds: int = 4,
+           strength: float = 3.0) -> torch.Tensor:
+    """PixMix on float 0..255 images: up to `rounds` times (a random number each, possibly none), mix in either
+    a random one of the uint8 pictures or the image's own mirror, by adding or by multiplying, with
+    mixing_weights; values stay in 0..255."""
+    n = len(images)
+    device = images.device
+    rounds_taken = torch.randint(0, rounds + 1, (n,), generator=generator, device=device)
+    mixed = images / 255
+    for round_number in range(rounds):
+        picture = pictures[torch.randint(0, len(pictures), (n,), generator=generator, device=device)].float() / 255
+        use_picture = (torch.rand(n, generator=generator, device=device) < 0.5).view(n, 1, 1, 1)
+        other = torch.where(use_picture, picture, images.flip(3) / 255)
+        a, b = mixing_weights(n, strength, generator, device)
+        added = (a * (2 * mixed - 1) + b * (2 * other - 1) + 1) / 2
+        multiplied = (2 * mixed).clamp_min(1e-6) ** a * (2 * other).clamp_min(1e-6) ** b / 2
+        by_adding = (torch.rand(n, generator=generator, device=device) < 0.5).view(n, 1, 1, 1)
+        this_round = torch.where(by_adding, added, multiplied).clamp(0, 1)
+        mixed = torch.where((round_number < rounds_taken).view(n, 1, 1, 1), this_round, mixed)
+    return mixed * 255
 
 
 def augment(images: torch.Tensor, translate: int, cutout: int, generator: torch.Generator,
-            photo_share: float = 0.0) -> torch.Tensor:
-    """Make a share of the uint8 batch look like photos, then random mirror, translation (reflect-padded crop)
-    and cutout on all of it; returns normalised floats."""
+            photo_share: float = 0.0, pixmix_share: float = 0.0, pictures: torch.Tensor | None = None) -> torch.Tensor:
+    """Make a share of the uint8 batch look like photos and a share mixed with the pictures (PixMix), then
+    random mirror, translation (reflect-padded crop) and cutout on all of it; returns normalised floats."""
     n, _, h, w = images.shape
     device = images.device
     images = images.float()
     if photo_share:
         chosen = torch.rand(n, generator=generator, device=device) < photo_share
         images = torch.where(chosen.view(-1, 1, 1, 1), look_like_photos(images, generator), images)
+    if pixmix_share:
+        chosen = torch.rand(n, generator=generator, device=device) < pixmix_share
+        images = torch.where(chosen.view(-1, 1, 1, 1), pixmix(images, pictures, generator), images)
     flip = torch.rand(n, generator=generator, device=device) < 0.5
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
     if translate:
@@ -141,6 +184,12 @@ def some_images(images: torch.Tensor, labels: torch.Tensor, count: int, seed: in
 def steps_per_epoch(images: int, batch_size: int) -> int:
     """Whole batches in an epoch, and at least one: a data set smaller than a batch is one batch."""
     return max(1, images // batch_size)
+
+
+def average_decay(ema: float, step: int) -> float:
+    """The moving average's decay after `step` steps: a short memory at first ((1 + step) / (10 + step)), so
+    it soon forgets the random start, then ema."""
+    return min(ema, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -194,7 +243,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="train on N images only, chosen at random (smoke tests)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints; 0: none")
     args = check_device(parser, parser.parse_args(argv))
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema {args.ema}: the decay must be at least 0 (no average) and below 1")
     if args.resume and not args.checkpoint.is_file():
         parser.error(f"--resume: no checkpoint at {args.checkpoint}; start without --resume (or give --checkpoint)")
     return args
@@ -209,12 +261,13 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
     use_bf16 = bf16_supported(device)
     steps = steps_per_epoch(len(images), args.batch_size)
     order = torch.randperm(len(images), generator=generator, device=device)
+    pictures = fractal_pictures(min(FRACTALS_PER_EPOCH, len(images)), generator) if args.pixmix else None
     started, running_loss = time.time(), torch.zeros((), device=device)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(epoch * steps + step)
         index = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x = augment(images[index], args.translate, args.cutout, generator, args.photo_augment)
+        x = augment(images[index], args.translate, args.cutout, generator, args.photo_augment, args.pixmix, pictures)
         if resolution != x.shape[-1]:
             x = F.interpolate(x, size=resolution, mode="bilinear", antialias=True, align_corners=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -223,7 +276,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images
         loss.backward()
         optimizer.step()
         if average is not None:
-            update_average(average, model, args.ema)
+            update_average(average, model, average_decay(args.ema, epoch * steps + step))
         running_loss = loss.detach() if step == 0 else 0.98 * running_loss + 0.02 * loss.detach()
         rate = (step + 1) * args.batch_size / (time.time() - started)
         images_left = (steps - step - 1 + (epochs - epoch - 1) * steps) * args.batch_size
@@ -293,11 +346,12 @@ def train(args: argparse.Namespace) -> dict:
             kept.train()
         history.append(record)
         print(json.dumps(record), flush=True)
-        save_atomically(args.checkpoint, lambda path: torch.save({
-            "model": model.state_dict(), "average": None if average is None else average.state_dict(),
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "history": history, "epoch": epoch + 1, "elapsed": elapsed, "args": vars(args),
-        }, path))
+        if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
+            save_atomically(args.checkpoint, lambda path: torch.save({
+                "model": model.state_dict(), "average": None if average is None else average.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "history": history, "epoch": epoch + 1, "elapsed": elapsed, "args": vars(args),
+            }, path))
 
     hyperparameters = {name: getattr(args, name) for name in HYPERPARAMETERS} | {"limit": args.limit}
     return write_model(kept, args.out, data, {"epochs": len(history), "training_seconds": round(elapsed),
@@ -320,7 +374,7 @@ def write_model(model: torch.nn.Module, out: Path, data: dict, training: dict) -
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
-    return describe_model(out, data, card)
+    return describe_model(out, data, card, next(model.parameters()).device)
 
 
 if __name__ == "__main__":

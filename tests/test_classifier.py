@@ -201,15 +201,32 @@ def test_real_photos_of_the_ten_score_as_the_model_card_says(classifier):
 
     from evaluate import not_cifar10_photos, real_photos_report
 
-    measured = real_photos_report(classifier, not_cifar10_photos())
-    if measured is None:
-        cannot_run("../shared/data/real-photos-dev is missing")
+    others = not_cifar10_photos()
+    measured = real_photos_report(classifier, others)
+    if measured is None or others is None:
+        cannot_run("../shared/data/real-photos-dev or ../shared/data/not-cifar10-dev is missing")
     card = json.loads(classifier_module.DEFAULT_WEIGHTS.with_suffix(".json").read_text())["real_photos"]
     assert measured["photos"] == card["photos"] == 164
     assert abs(measured["right"] - card["right"]) <= 1 and abs(measured["flagged"] - card["flagged"]) <= 1, measured
     assert abs(measured["auroc_not_cifar10_vs_these"] - card["auroc_not_cifar10_vs_these"]) < 0.01, measured
     assert measured["right"] >= 141 and measured["flagged"] <= 13, measured
     assert measured["auroc_not_cifar10_vs_these"] >= 0.82 and measured["ece"] <= 0.09, measured
+
+
+def test_a_stray_file_or_folder_among_the_photos_is_skipped_with_a_warning(classifier, tmp_path):
+    from evaluate import real_photos_report
+
+    for folder in ("cat", "cats"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (64, 64), (200, 120, 40)).save(tmp_path / folder / "photo.jpg")
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "cat" / "notes.txt").write_text("not a photo")
+    with pytest.warns(UserWarning) as caught:
+        report = real_photos_report(classifier, None, tmp_path)
+    assert report["photos"] == 1 and report["right"] in (0, 1)
+    messages = [str(warning.message) for warning in caught]
+    assert any("cats/ is not one of airplane" in message for message in messages)
+    assert any("notes.txt" in message for message in messages) and not any(".DS_Store" in m for m in messages)
 
 
 def test_the_model_card_describes_the_shipped_weights():

@@ -43,7 +43,7 @@ def tiny_photo_set(tmp_path, monkeypatch):
 
 def test_train_resume_and_model_card(tmp_path, tiny_photo_set):
     common = ["--data", str(tmp_path / "data"), "--batch-size", "8", "--low-res-epochs", "1", "--ema", "0.9",
-              "--photo-augment", "0.5",
+              "--photo-augment", "0.5", "--pixmix", "0.5",
               "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "model.pt")]
 
     first = train.parse_args(common + ["--epochs", "1"])
@@ -75,6 +75,7 @@ def test_train_resume_and_model_card(tmp_path, tiny_photo_set):
     assert all(not torch.equal(average[name], initial[name]) and not torch.equal(average[name], trained[name])
                for name in moved)  # the average followed the training, a step behind
     assert saved["hyperparameters"]["ema"] == 0.9 and saved["hyperparameters"]["photo_augment"] == 0.5
+    assert saved["hyperparameters"]["pixmix"] == 0.5
     prediction = load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0]
     assert prediction.label in CLASSES and prediction.ood_score >= 0
 
@@ -143,22 +144,36 @@ def test_the_average_of_the_weights_moves_a_share_of_the_way_and_copies_the_coun
         assert torch.all(value == expected), name
 
 
+def test_the_average_forgets_the_random_start_within_the_first_steps():
+    decays = [train.average_decay(0.998, step) for step in range(5000)]
+    assert decays[0] == 0.1 and all(a <= b for a, b in zip(decays, decays[1:])) and decays[-1] == 0.998
+    left_of_start = torch.tensor(decays[:100]).prod().item()  # the initial weights' share after 100 steps
+    assert left_of_start < 1e-6
+
+
 def ramps(n: int) -> torch.Tensor:
-    """Pictures brighter to the right by 7 levels a pixel: a crop to a share of the width flattens the slope to
-    that share."""
-    return (torch.arange(32).float() * 7 + 16).expand(n, 3, 32, 32).clone()
+    """Pictures whose red grows 7 levels a pixel to the right and green 7 a pixel downwards: a crop to a share
+    of the width or height flattens that slope to the same share."""
+    steps = torch.arange(32).float() * 7 + 16
+    return torch.stack([steps.view(1, 32).expand(32, 32), steps.view(32, 1).expand(32, 32),
+                        torch.full((32, 32), 128.0)]).expand(n, 3, 32, 32).clone()
 
 
-def test_look_like_photos_crops_a_share_of_the_area_anywhere_and_shrinks_smoothly():
-    out = train.look_like_photos(ramps(200), torch.Generator().manual_seed(0), crop_area=(0.35, 1.0), jitter=0)
-    assert out.shape == (200, 3, 32, 32) and torch.equal(out, out.round())
-    slopes = (out[:, :, :, 20] - out[:, :, :, 12]).mean(dim=(1, 2)) / 8 / 7  # the share of the width kept
-    widest, narrowest = 1.0, (0.35 * 3 / 4) ** 0.5
-    assert slopes.min() > narrowest - 0.03 and slopes.max() < widest + 0.03, (slopes.min(), slopes.max())
-    assert slopes.quantile(0.1) < 0.7 and slopes.quantile(0.9) > 0.9  # crops of every size, not one
+def test_look_like_photos_crops_a_share_of_the_area_at_an_aspect_near_one_anywhere():
+    out = train.look_like_photos(ramps(300), torch.Generator().manual_seed(0), crop_area=(0.35, 1.0), jitter=0)
+    assert out.shape == (300, 3, 32, 32) and torch.equal(out, out.round())
+    width = (out[:, 0, 4:28, 28] - out[:, 0, 4:28, 4]).mean(dim=1) / 24 / 7  # the share of the width kept
+    height = (out[:, 1, 28, 4:28] - out[:, 1, 4, 4:28]).mean(dim=1) / 24 / 7
+    area, aspect = width * height, width / height
+    assert area.min() > 0.35 - 0.02 and area.max() < 1 + 0.02, (area.min(), area.max())
+    assert aspect.min() > 3 / 4 - 0.03 and aspect.max() < 4 / 3 + 0.03, (aspect.min(), aspect.max())
+    assert area.quantile(0.1) < 0.45 and area.quantile(0.9) > 0.85  # crops of every size, not one
     centres = out[:, 0, 16, 16]
     assert centres.max() - centres.min() > 60  # crops from left and right, not the middle only
-    assert (out[:, :, :, 1:] >= out[:, :, :, :-1] - 1).all()  # still a ramp: no ringing or wrap-around
+    assert (out[:, 0, :, 1:] >= out[:, 0, :, :-1] - 1).all()  # still a ramp: no ringing or wrap-around
+    edges = torch.stack([out[:, 0, :, 1] - out[:, 0, :, 0], out[:, 0, :, -1] - out[:, 0, :, -2],
+                         out[:, 1, 1] - out[:, 1, 0], out[:, 1, -1] - out[:, 1, -2]])
+    assert edges.min() >= 1  # never past the picture's edge, where the border would repeat: flat
 
 
 def test_look_like_photos_jitters_brightness_contrast_and_saturation_within_the_range():
@@ -173,14 +188,83 @@ def test_look_like_photos_jitters_brightness_contrast_and_saturation_within_the_
     assert spread.min() < 0.8 and spread.max() > 1.2
 
 
+def test_fractal_pictures_are_drawn_attractors_on_a_background_each_its_own_and_reproducible():
+    from fractals import fractal_pictures
+
+    pictures = fractal_pictures(64, torch.Generator().manual_seed(0))
+    assert pictures.shape == (64, 3, 32, 32) and pictures.dtype == torch.uint8
+    assert torch.equal(pictures, fractal_pictures(64, torch.Generator().manual_seed(0)))
+    for picture in pictures:
+        colours, counts = picture.flatten(1).T.unique(dim=0, return_counts=True)
+        background = counts.max().item() / counts.sum().item()
+        assert 0.3 < background < 0.995 and len(colours) >= 3  # a shape in several shades on a plain ground
+    assert len({tuple(picture.flatten().tolist()) for picture in pictures}) == 64
+
+
+def test_pixmix_weights_blend_toward_the_image_or_push_away_from_the_picture():
+    a, b = train.mixing_weights(20000, 3.0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    a, b = a.flatten(), b.flatten()
+    blend = b >= 0
+    assert 0.4 < blend.float().mean() < 0.6
+    assert abs(a[blend].mean() - 0.75) < 0.02 and abs(b[blend].mean() - 0.25) < 0.02  # Beta(3, 1), Beta(1, 3)
+    assert torch.allclose(a[~blend], 1 - b[~blend]) and a[~blend].min() >= 1 and a[~blend].max() <= 2
+
+
+def test_pixmix_keeps_the_image_the_larger_part_and_leaves_some_untouched():
+    from fractals import fractal_pictures
+
+    generator = torch.Generator().manual_seed(0)
+    images = random_images(300).float()
+    mixed = train.pixmix(images, fractal_pictures(50, generator), generator)
+    assert mixed.min() >= 0 and mixed.max() <= 255 and not mixed.isnan().any()
+    untouched = (mixed == images).flatten(1).all(dim=1)
+    assert 30 <= untouched.sum() <= 90  # no rounds for about one in five
+    def correlation(x, y):
+        x, y = x.flatten(1) - x.flatten(1).mean(1, keepdim=True), y.flatten(1) - y.flatten(1).mean(1, keepdim=True)
+        return ((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1))).mean()
+    own, others = correlation(mixed[~untouched], images[~untouched]), correlation(mixed, images.roll(1, 0))
+    assert own > 0.5 and abs(others) < 0.1, (own, others)
+
+
+def test_each_epoch_augments_as_the_hyperparameters_say():
+    import argparse
+
+    images, labels = random_images(16), torch.arange(16) % 10
+
+    def first_batch(**changes) -> torch.Tensor:
+        args = argparse.Namespace(**(train.HYPERPARAMETERS | {"batch_size": 16} | changes))
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+        seen = []
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+        train.train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, args,
+                          torch.Generator().manual_seed(0), 32, 0, 1, lambda step: 0.0)
+        return seen[0]
+
+    candidates = torch.cat([normalize(images), normalize(images.flip(3))])
+
+    def plain(batch: torch.Tensor) -> int:
+        """How many of the batch are a training image or its mirror, and nothing more."""
+        return sum(any(torch.equal(row, candidate) for candidate in candidates) for row in batch)
+
+    unshifted = {"translate": 0, "cutout": 0}
+    assert plain(first_batch(**unshifted)) == 16
+    assert plain(first_batch(**unshifted, photo_augment=1.0)) == 0  # every one cropped and shrunk
+    assert plain(first_batch(**unshifted, pixmix=1.0)) <= 8  # a fifth of them mixed no round
+
+
 def test_augment_makes_about_the_asked_share_look_like_photos():
     images = random_images(200)
     out = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0), photo_share=0.3)
     untouched = [torch.equal(out[i], normalize(images[i:i + 1])[0]) or torch.equal(out[i], normalize(images[i:i + 1].flip(3))[0])
                  for i in range(200)]
     assert 40 <= untouched.count(False) <= 80
-    plain = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(plain, train.augment(images, 0, 0, torch.Generator().manual_seed(0), photo_share=0.0))
+    from fractals import fractal_pictures
+
+    mixed = train.augment(images, translate=0, cutout=0, generator=torch.Generator().manual_seed(0), pixmix_share=0.5,
+                          pictures=fractal_pictures(10, torch.Generator().manual_seed(0)))
+    untouched = [torch.equal(mixed[i], normalize(images[i:i + 1])[0]) or torch.equal(mixed[i], normalize(images[i:i + 1].flip(3))[0])
+                 for i in range(200)]
+    assert 60 <= untouched.count(False) <= 100  # half chosen, and a fifth of those mixed no round
 
 
 def load_recipes():
@@ -192,28 +276,50 @@ def load_recipes():
     return module
 
 
-def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_path, tiny_photo_set):
-    """Smaller than one of the recipe's batches of 500, the data set still trains (one step an epoch)."""
+def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_path, tiny_photo_set, monkeypatch):
+    """A recipe that fails gets a row saying so and the next one runs; a second run adds to the table. Smaller
+    than one of the recipe's batches of 500, the data set still trains (one step an epoch)."""
     recipes = load_recipes()
     out = tmp_path / "out"
-    recipes.main(["--out", str(out), "--data", str(tmp_path / "data"), "--only", "photos-ema", "--epochs", "1"])
+    common = ["--out", str(out), "--data", str(tmp_path / "data"), "--epochs", "1"]
+    write_model = train.write_model
+
+    def out_of_disk_for_photos(model, path, *rest):
+        if path.name == "photos.pt":
+            raise OSError(28, "No space left on device")
+        return write_model(model, path, *rest)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "write_model", out_of_disk_for_photos)
+        recipes.main(common + ["--only", "photos,photos-ema"])
+    recipes.main(common + ["--only", "anchor"])
     card = json.loads((out / "photos-ema.json").read_text())
     shipped = json.loads(classifier.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     header, rule, *rows = (out / "recipes.md").read_text().splitlines()
-    assert rows == [recipes.row("shipped", shipped), recipes.row("photos-ema", card)] and "real photos" in header
-    assert rows[1].startswith("| photos-ema | 1 | ") and f"of {card['real_photos']['photos']}" in rows[1]
+    assert rows == [recipes.row("shipped", shipped), "| photos | failed: OSError: [Errno 28] No space left on device |",
+                    recipes.row("photos-ema", card), recipes.row("anchor", json.loads((out / "anchor.json").read_text()))]
+    assert "real photos" in header and rows[2].startswith("| photos-ema | 1 | ") and "of 20 |" in rows[2]
     wanted = recipes.RECIPES["photos-ema"] | {"epochs": 1}
     assert {name: card["hyperparameters"][name] for name in wanted} == wanted
     assert card["history"][0]["loss"] > 0
     assert sorted(path.name for path in out.iterdir()) == sorted(
-        f"photos-ema{suffix}" for suffix in (".pt", ".json", ".novelty.pt", ".confusion.png", ".reliability.png")) + [
-        "recipes.md"]
+        f"{name}{suffix}" for name in ("anchor", "photos-ema")
+        for suffix in (".pt", ".json", ".novelty.pt", ".confusion.png", ".reliability.png")) + ["recipes.md"]
+
+
+def test_the_recipes_bench_refuses_to_start_without_the_photos_it_measures_on(tmp_path, monkeypatch, capsys):
+    recipes = load_recipes()
+    monkeypatch.setattr(evaluate, "REAL_PHOTOS", tmp_path / "nowhere")
+    with pytest.raises(SystemExit):
+        recipes.parse_args(["--out", str(tmp_path / "out")])
+    assert f"{tmp_path / 'nowhere'} (no photos)" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_every_recipe_is_a_train_py_command_line(tmp_path, capsys):
     recipes = load_recipes()
+    args = recipes.parse_args(["--out", str(tmp_path)])
     for name, recipe in recipes.RECIPES.items():
-        parsed = train.parse_args(recipes.train_flags(name, recipes.parse_args(["--out", str(tmp_path)])))
+        parsed = train.parse_args(recipes.train_flags(name, args))
         assert {key: getattr(parsed, key) for key in recipe} == recipe
     with pytest.raises(SystemExit):
         recipes.parse_args(["--out", str(tmp_path), "--only", "anchor,photo"])
