@@ -247,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = check_device(parser, parser.parse_args(argv))
     if not 0 <= args.ema < 1:
         parser.error(f"--ema {args.ema}: the decay must be at least 0 (no average) and below 1")
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every {args.checkpoint_every}: give a number of epochs, or 0 for none")
     if args.resume and not args.checkpoint.is_file():
         parser.error(f"--resume: no checkpoint at {args.checkpoint}; start without --resume (or give --checkpoint)")
     return args

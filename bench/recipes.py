@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from cifar10 import SHARED_ARCHIVE  # noqa: E402
 from classifier import DEFAULT_WEIGHTS  # noqa: E402
 import evaluate  # noqa: E402
@@ -73,7 +75,8 @@ def train_flags(name: str, args: argparse.Namespace) -> list[str]:
     """train.py's command line for one recipe."""
     recipe = RECIPES[name] | ({"epochs": args.epochs} if args.epochs else {})
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in recipe.items()]
-    flags += ["--out", str(args.out / f"{name}.pt"), "--checkpoint-every", "0", "--limit", str(args.limit)]
+    flags += ["--eval-every", str(recipe["epochs"]),  # the test split once, at the end: seconds each time saved
+              "--out", str(args.out / f"{name}.pt"), "--checkpoint-every", "0", "--limit", str(args.limit)]
     return flags + (["--data", args.data] if args.data else [])
 
 
@@ -95,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         missing.append(f"{SHARED_ARCHIVE} (or give --data)")
     if missing:
         parser.error("the recipes are measured on data that is not here: " + "; ".join(missing))
+    if not torch.cuda.is_available() and not args.limit:
+        parser.error("PyTorch sees no CUDA GPU here, and one recipe would take days on a CPU: "
+                     "give --limit (and --epochs) for a smoke test")
     return args
 
 
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             line = row(name, train.train(train.parse_args(flags)))
         except Exception as error:  # one recipe's failure must not cost the others their turn on the GPU
             traceback.print_exc()
-            line = f"| {name} | failed: {error.__class__.__name__}: {error} |"
+            why = " ".join(f"{error.__class__.__name__}: {error}".split()).replace("|", "/")  # one table row
+            line = f"| {name} | failed: {why} |" + " |" * 7
         with table.open("a") as handle:
             handle.write(line + "\n")
     print(table.read_text(), flush=True)

@@ -223,7 +223,7 @@ def test_a_stray_file_or_folder_among_the_photos_is_skipped_with_a_warning(class
     (tmp_path / "cat" / "notes.txt").write_text("not a photo")
     with pytest.warns(UserWarning) as caught:
         report = real_photos_report(classifier, None, tmp_path)
-    assert report["photos"] == 1 and report["right"] in (0, 1)
+    assert report["photos"] == 1
     messages = [str(warning.message) for warning in caught]
     assert any("cats/ is not one of airplane" in message for message in messages)
     assert any("notes.txt" in message for message in messages) and not any(".DS_Store" in m for m in messages)

@@ -20,7 +20,7 @@ import train
 from archives import iter_zip
 from classes import CLASSES
 from classifier import file_sha256, load_classifier, normalize
-from conftest import ROOT
+from conftest import ROOT, cannot_run
 
 
 def make_image_folder(root, per_class: int) -> None:
@@ -74,6 +74,10 @@ def test_train_resume_and_model_card(tmp_path, tiny_photo_set):
     moved = [name for name, value in average.items() if value.is_floating_point() and "weight" in name]
     assert all(not torch.equal(average[name], initial[name]) and not torch.equal(average[name], trained[name])
                for name in moved)  # the average followed the training, a step behind
+
+    def distance(a, b):
+        return sum(((a[name] - b[name]) ** 2).sum() for name in moved).sqrt()
+    assert distance(average, trained) < distance(average, initial)  # and forgot the random start at once
     assert saved["hyperparameters"]["ema"] == 0.9 and saved["hyperparameters"]["photo_augment"] == 0.5
     assert saved["hyperparameters"]["pixmix"] == 0.5
     prediction = load_classifier(tmp_path / "model.pt").predict([Image.new("RGB", (32, 32))])[0]
@@ -165,6 +169,7 @@ def test_look_like_photos_crops_a_share_of_the_area_at_an_aspect_near_one_anywhe
     width = (out[:, 0, 4:28, 28] - out[:, 0, 4:28, 4]).mean(dim=1) / 24 / 7  # the share of the width kept
     height = (out[:, 1, 28, 4:28] - out[:, 1, 4, 4:28]).mean(dim=1) / 24 / 7
     area, aspect = width * height, width / height
+    assert abs(area.mean() - (0.35 + 1) / 2) < 0.03  # the area asked for, kept where the crop meets the edge
     assert area.min() > 0.35 - 0.02 and area.max() < 1 + 0.02, (area.min(), area.max())
     assert aspect.min() > 3 / 4 - 0.03 and aspect.max() < 4 / 3 + 0.03, (aspect.min(), aspect.max())
     assert area.quantile(0.1) < 0.45 and area.quantile(0.9) > 0.85  # crops of every size, not one
@@ -280,13 +285,15 @@ def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_pat
     """A recipe that fails gets a row saying so and the next one runs; a second run adds to the table. Smaller
     than one of the recipe's batches of 500, the data set still trains (one step an epoch)."""
     recipes = load_recipes()
+    require_the_photo_sets()
+    monkeypatch.setattr(train, "DEFAULT_CHECKPOINT", tmp_path / "checkpoint.pt")
     out = tmp_path / "out"
-    common = ["--out", str(out), "--data", str(tmp_path / "data"), "--epochs", "1"]
+    common = ["--out", str(out), "--data", str(tmp_path / "data"), "--epochs", "1", "--limit", "20"]
     write_model = train.write_model
 
     def out_of_disk_for_photos(model, path, *rest):
         if path.name == "photos.pt":
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device\n  while writing | the weights")
         return write_model(model, path, *rest)
 
     with monkeypatch.context() as patch:
@@ -296,7 +303,8 @@ def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_pat
     card = json.loads((out / "photos-ema.json").read_text())
     shipped = json.loads(classifier.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     header, rule, *rows = (out / "recipes.md").read_text().splitlines()
-    assert rows == [recipes.row("shipped", shipped), "| photos | failed: OSError: [Errno 28] No space left on device |",
+    failed = "| photos | failed: OSError: [Errno 28] No space left on device while writing / the weights |" + " |" * 7
+    assert rows == [recipes.row("shipped", shipped), failed,
                     recipes.row("photos-ema", card), recipes.row("anchor", json.loads((out / "anchor.json").read_text()))]
     assert "real photos" in header and rows[2].startswith("| photos-ema | 1 | ") and "of 20 |" in rows[2]
     wanted = recipes.RECIPES["photos-ema"] | {"epochs": 1}
@@ -305,6 +313,26 @@ def test_the_recipes_bench_trains_each_recipe_asked_for_and_adds_its_row(tmp_pat
     assert sorted(path.name for path in out.iterdir()) == sorted(
         f"{name}{suffix}" for name in ("anchor", "photos-ema")
         for suffix in (".pt", ".json", ".novelty.pt", ".confusion.png", ".reliability.png")) + ["recipes.md"]
+    assert not (tmp_path / "checkpoint.pt").exists() and card["history"][-1]["epoch"] == 1
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_the_recipes_bench_refuses_a_full_run_without_a_gpu(tmp_path, capsys):
+    recipes = load_recipes()
+    require_the_photo_sets()
+    if torch.cuda.is_available():
+        cannot_run("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        recipes.parse_args(["--out", str(tmp_path / "out")])
+    assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_the_average_and_the_checkpoints_are_checked(capsys):
+    for flags, message in ((["--ema", "1"], "--ema 1.0: the decay must be"), (["--ema", "-0.5"], "--ema -0.5"),
+                           (["--checkpoint-every", "-1"], "--checkpoint-every -1: give a number")):
+        with pytest.raises(SystemExit):
+            train.parse_args(flags)
+        assert message in capsys.readouterr().err
 
 
 def test_the_recipes_bench_refuses_to_start_without_the_photos_it_measures_on(tmp_path, monkeypatch, capsys):
@@ -315,9 +343,15 @@ def test_the_recipes_bench_refuses_to_start_without_the_photos_it_measures_on(tm
     assert f"{tmp_path / 'nowhere'} (no photos)" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def require_the_photo_sets() -> None:
+    if not any(evaluate.REAL_PHOTOS.glob("*/*")) or not any(evaluate.NOT_CIFAR10.glob("*/*")):
+        cannot_run(f"{evaluate.REAL_PHOTOS} or {evaluate.NOT_CIFAR10} is missing")
+
+
 def test_every_recipe_is_a_train_py_command_line(tmp_path, capsys):
     recipes = load_recipes()
-    args = recipes.parse_args(["--out", str(tmp_path)])
+    require_the_photo_sets()
+    args = recipes.parse_args(["--out", str(tmp_path), "--limit", "100"])
     for name, recipe in recipes.RECIPES.items():
         parsed = train.parse_args(recipes.train_flags(name, args))
         assert {key: getattr(parsed, key) for key in recipe} == recipe
