@@ -287,6 +287,10 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise WeightsError(f"The model card {card_path} (or its novelty bank) is unusable ({error.__class__.__name__}: "
                            f"{error}). Restore both from git, or rebuild them with `python evaluate.py`.") from error
+    if card.get("weights_sha256") not in (None, file_sha256(path)):  # e.g. a run that died between the two
+        raise WeightsError(f"The model card {card_path} describes other weights than {path}, so its calibration and "
+                           f"novelty threshold do not fit them. Describe these with `python evaluate.py --weights "
+                           f"{path}`, or restore both files from git.")
     return Classifier(raw.model, raw.version, test_accuracy=card.get("test_accuracy_tta"), calibration=calibration,
                       novelty=novelty, low_confidence=card.get("low_confidence_threshold", 0.6))
 

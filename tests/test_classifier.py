@@ -239,6 +239,22 @@ def test_the_model_card_describes_the_shipped_weights():
     assert classifier_module.novelty_path(classifier_module.DEFAULT_WEIGHTS).stat().st_size < 8e6
 
 
+def test_a_model_card_of_other_weights_is_a_clear_error(tmp_path):
+    """A run that wrote new weights and died before their card leaves the old card beside them: its calibration
+    and threshold belong to other weights, and the page would show numbers that mean nothing."""
+    import shutil
+
+    weights = tmp_path / "model.pt"
+    state = torch.load(classifier_module.DEFAULT_WEIGHTS, weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 1
+    torch.save(state, weights)
+    shutil.copy(classifier_module.DEFAULT_WEIGHTS.with_suffix(".json"), weights.with_suffix(".json"))
+    shutil.copy(classifier_module.novelty_path(classifier_module.DEFAULT_WEIGHTS), classifier_module.novelty_path(weights))
+    with pytest.raises(WeightsError, match="model card .*model.json describes other weights") as caught:
+        load_classifier(weights)
+    assert "evaluate.py --weights" in str(caught.value)
+
+
 def test_a_corrupt_model_card_is_a_clear_error(tmp_path):
     import shutil
 
