@@ -259,6 +259,11 @@ def novelty_path(weights: Path) -> Path:
 def load_weights(path: Path) -> Classifier:
     """The model alone, uncalibrated and without a novelty score; its version is the file's hash, so saved rows
     say which model spoke."""
+    return _load_weights_and_hash(path)[0]
+
+
+def _load_weights_and_hash(path: Path) -> tuple[Classifier, str]:
+    """load_weights, and the file's sha256, which the model card names: the 22 MB are hashed once."""
     hint = "Train a model with `python train.py` or restore the file from git."
     if not path.is_file():
         raise WeightsError(f"Model weights not found at {path}. {hint}")
@@ -268,14 +273,15 @@ def load_weights(path: Path) -> Classifier:
         model.load_state_dict({key: value.float() for key, value in state.items()})
     except Exception as error:
         raise WeightsError(f"Model weights at {path} could not be loaded ({error}). {hint}") from error
-    return Classifier(model, version=f"{path.stem}@{file_sha256(path)[:12]}")
+    digest = file_sha256(path)
+    return Classifier(model, version=f"{path.stem}@{digest[:12]}"), digest
 
 
 def load_classifier(weights_path: str | Path | None = None) -> Classifier:
     """Load the shipped weights (or another file) with the calibration, novelty threshold and bank that their
     model card names."""
     path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
-    raw = load_weights(path)
+    raw, digest = _load_weights_and_hash(path)
     card_path = path.with_suffix(".json")
     try:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
@@ -287,7 +293,7 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise WeightsError(f"The model card {card_path} (or its novelty bank) is unusable ({error.__class__.__name__}: "
                            f"{error}). Restore both from git, or rebuild them with `python evaluate.py`.") from error
-    if card.get("weights_sha256") not in (None, file_sha256(path)):  # e.g. a run that died between the two
+    if card.get("weights_sha256") not in (None, digest):  # e.g. a run that died between the two
         raise WeightsError(f"The model card {card_path} describes other weights than {path}, so its calibration and "
                            f"novelty threshold do not fit them. Describe these with `python evaluate.py --weights "
                            f"{path}`, or restore both files from git.")

@@ -75,6 +75,11 @@ def review_order(items: Sequence[Item], threshold: float) -> list[Item]:
     return sorted(items, key=lambda pair: not flag(pair[1].prediction, threshold))
 
 
+def upload_key(upload_id: str) -> str:
+    """An upload's key among the page's inputs (a ZIP's members add /<place>)."""
+    return f"file-{upload_id}"
+
+
 def page_count(count: int) -> int:
     """How many pages of Cards and Table `count` pictures take (one, when there are none)."""
     return max(1, -(-count // PAGE_SIZE))
@@ -148,7 +153,7 @@ class Review:
         """Queue an uploaded file, or each image of an uploaded ZIP, member by member; what cannot be read (a file
         over its size limit, a ZIP member left out) is named in an error, and the rest go on."""
         self.taken_uploads.add(upload_id)
-        key = f"file-{upload_id}"
+        key = upload_key(upload_id)
         problem = upload_problem(name, content.seek(0, io.SEEK_END))
         content.seek(0)
         if problem:
@@ -166,7 +171,7 @@ class Review:
     def refuse_upload(self, upload_id: str, why: str) -> None:
         """An upload that cannot be read, and why."""
         self.taken_uploads.add(upload_id)
-        self.results[f"file-{upload_id}"] = why
+        self.results[upload_key(upload_id)] = why
 
     def take_urls(self, urls: Sequence[str]) -> None:
         """The URLs in the box, in order: a URL taken out of the box leaves the page; those not seen before are

@@ -118,10 +118,11 @@ def pixmix(images: torch.Tensor, pictures: torch.Tensor, generator: torch.Genera
     device = images.device
     rounds_taken = torch.randint(0, rounds + 1, (n,), generator=generator, device=device)
     mixed = images / 255
+    mirrored = mixed.flip(3)
     for round_number in range(rounds):
         picture = pictures[torch.randint(0, len(pictures), (n,), generator=generator, device=device)].float() / 255
         use_picture = (torch.rand(n, generator=generator, device=device) < 0.5).view(n, 1, 1, 1)
-        other = torch.where(use_picture, picture, images.flip(3) / 255)
+        other = torch.where(use_picture, picture, mirrored)
         a, b = mixing_weights(n, strength, generator, device)
         added = (a * (2 * mixed - 1) + b * (2 * other - 1) + 1) / 2
         multiplied = (2 * mixed).clamp_min(1e-6) ** a * (2 * other).clamp_min(1e-6) ** b / 2
