@@ -10,21 +10,23 @@ review.py's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
 import logging
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import pandas as pd
 import streamlit as st
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from streamlit.runtime import Runtime
 from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
@@ -54,6 +56,8 @@ PICTURE_WIDTH = 440  # pixels: the one-at-a-time view's picture on the page
 # another one behind the balancer), and says so.
 UNSAVED_PARAM = "unsaved"
 SWEEP_SECONDS = 30  # at most, between two sweeps of the spools of sessions gone for good
+# Streamlit's upload route, under any base path or mount: (session id, file id).
+UPLOAD_ROUTE = re.compile(r"/_stcore/upload_file/([^/]+)/([^/]+)$")
 SESSION_ID_BYTES = 64  # more than a session id (a UUID) takes: /session-alive reads no further
 EXPORTS = {  # file name -> (media type, the store's generator of its bytes)
     "cifar10_feedback.zip": ("application/zip", iter_zip),
@@ -97,15 +101,23 @@ if (!window.reloadsWhenSessionIsGone) {
 
 # ---------------------------------------------------------------- the server
 
-def export_download(request: Request) -> Response:
-    """A whole-store export streamed as it is made: one image in memory at a time, whatever the store's size. With
-    sign-in on, only for a browser whose identity cookie Streamlit signed (401 otherwise)."""
+def signed_out_refusal(request: Request, what: str) -> Response | None:
+    """With sign-in on, the answer to a browser whose identity cookie Streamlit did not sign: 401, `what` being for
+    people signed in; while the secrets cannot be read, to every browser: 503. None for a request that may go on."""
     try:
         if signin.sign_in_required() and not signin.cookie_email(request.cookies):
-            return PlainTextResponse("Sign in first: the downloads are for people signed in to this app.",
-                                     status_code=401)
+            return PlainTextResponse(f"Sign in first: {what} for people signed in to this app.", status_code=401)
     except SettingsError as error:  # the secrets cannot be read: nobody can be told apart
         return PlainTextResponse(str(error), status_code=503)
+    return None
+
+
+def export_download(request: Request) -> Response:
+    """A whole-store export streamed as it is made: one image in memory at a time, whatever the store's size. With
+    sign-in on, only for a browser signed in."""
+    refused = signed_out_refusal(request, "the downloads are")
+    if refused is not None:
+        return refused
     name = request.path_params["name"]
     if name not in EXPORTS:
         return PlainTextResponse(f"No export called {name!r}.", status_code=404)
@@ -138,24 +150,60 @@ async def session_alive(request: Request) -> Response:
     return Response(status_code=204 if alive else 404)
 
 
+class UploadGate:
+    """In front of Streamlit's upload route (a PUT of one file for one session). With sign-in on, an upload from a
+    browser that is not signed in is refused before a byte of it is read: Streamlit's route takes one for any session
+    it holds, the session of a page that shows only "Sign in" among them, and writes it to TMPDIR as it arrives.
+    Signed in means the identity cookie Streamlit signed, as for the downloads: the uploader sends it with every
+    file. And an upload is answered once the inbox has it on disk (UploadsWaitOnDisk hands it over without waiting
+    for that): the uploader shows it uploaded only then, and a browser that sends faster than the disk writes waits,
+    rather than its files piling up in the server's memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        upload = scope["type"] == "http" and scope["method"] == "PUT" and UPLOAD_ROUTE.search(scope["path"])
+        if not upload:
+            await self.app(scope, receive, send)
+            return
+        refused = signed_out_refusal(Request(scope), "uploads are")
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        session_id, file_id = upload.groups()
+
+        async def answer_once_kept(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                inbox = getattr(Runtime.instance().uploaded_file_mgr, "inbox", None)
+                arrival = inbox.arrival(session_id, file_id) if inbox is not None else None
+                if arrival is not None:
+                    await asyncio.wrap_future(arrival)
+            await send(message)
+
+        await self.app(scope, receive, answer_once_kept)
+
+
 class UploadsWaitOnDisk(MemoryUploadedFileManager):
     """Streamlit's keeper of uploads, but the bytes of each wait in an UploadInbox on disk until the page reads them
-    (see take_uploads); Streamlit's own record of the file keeps none. Streamlit has no setting for this: the
-    server's keeper becomes one of these as the server starts, before any browser can upload."""
+    (see take_uploads); Streamlit's own record of the file keeps none. Streamlit calls it on the server's event loop,
+    which every session's page waits on: the inbox's threads do the disk work, and a gigabyte written holds nobody
+    up. Streamlit has no setting for this: the server's keeper becomes one of these as the server starts, before
+    any browser can upload."""
 
     inbox: UploadInbox
 
     def add_file(self, session_id: str, file: UploadedFileRec) -> None:
-        self.inbox.put(session_id, file.file_id, file.data)  # or, past the page's limit, why not: said on the page
+        self.inbox.put_soon(session_id, file.file_id, file.data)  # or, past a limit, why not: said on the page
         super().add_file(session_id, file._replace(data=b""))
 
     def remove_file(self, session_id: str, file_id: str) -> None:
         super().remove_file(session_id, file_id)
-        self.inbox.discard(session_id, file_id)
+        self.inbox.discard_soon(session_id, file_id)
 
     def remove_session_files(self, session_id: str) -> None:
         super().remove_session_files(session_id)
-        self.inbox.discard_session(session_id)
+        self.inbox.discard_session_soon(session_id)
 
 
 def keep_uploads_on_disk(keeper: MemoryUploadedFileManager, inbox: UploadInbox) -> None:
@@ -164,19 +212,83 @@ def keep_uploads_on_disk(keeper: MemoryUploadedFileManager, inbox: UploadInbox) 
     keeper.__class__ = UploadsWaitOnDisk
 
 
+def sweep_gone_sessions(keeper: MemoryUploadedFileManager) -> asyncio.Task:
+    """As the server starts, on its event loop: every session's Review is kept beside Streamlit's keeper of uploads
+    (its `reviews`: the one object of the server's that each page's run is handed, see session_reviews), and every
+    few seconds the originals of the sessions Streamlit holds no more, and the uploads they never read, leave the
+    disk. Streamlit keeps a session whose browser left for server.disconnectedSessionTTL seconds, for it to come
+    back, then drops it without a word to the keeper. Returns the sweep's task."""
+    keeper.reviews = SessionReviews()
+    loop = asyncio.get_running_loop()
+    sessions = Runtime.instance()._session_mgr  # only it knows the sessions kept for a reconnection
+    every = min(SWEEP_SECONDS, max(1, st.get_option("server.disconnectedSessionTTL")))
+
+    def held(session_id: str) -> bool:
+        """Asked from the sweep's thread, answered on the event loop: the session manager is the loop's alone."""
+        async def ask() -> bool:
+            return sessions.get_session_info(session_id) is not None
+
+        return asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout=SWEEP_SECONDS)
+
+    def sweep() -> None:
+        keeper.reviews.sweep(held)
+        inbox = getattr(keeper, "inbox", None)
+        if inbox is not None:
+            inbox.sweep(held)
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(sweep)  # a Save, a read or a write may hold a session's spool a while
+            except Exception:  # the next sweep tries again
+                logging.getLogger(__name__).exception("sweeping the sessions' spools failed")
+
+    return loop.create_task(sweep_forever())
+
+
 @contextlib.asynccontextmanager
 async def uploads_wait_on_disk(_: st.App) -> AsyncIterator[None]:
     """As the server starts: a thousand photos dropped at once have all arrived before the page reads the first, and
-    in memory they would take as much of it as they are big."""
-    keep_uploads_on_disk(Runtime.instance().uploaded_file_mgr, UploadInbox(MAX_SPOOL_BYTES))
-    yield
+    in memory they would take as much of it as they are big. And the sweep of gone sessions starts."""
+    keeper = Runtime.instance().uploaded_file_mgr
+    keep_uploads_on_disk(keeper, UploadInbox(MAX_SPOOL_BYTES))
+    sweeping = sweep_gone_sessions(keeper)
+    try:
+        yield
+    finally:
+        sweeping.cancel()
+
+
+class StartedWithoutLifespan:
+    """Mounted in another ASGI app (Starlette's Mount, FastAPI's mount) without Streamlit's lifespan, the app's
+    lifespan never runs: Streamlit starts at the first request instead. At that request the sweep of gone sessions
+    starts, and uploads stay with Streamlit's own keeper, in the server's memory until their page reads them, which
+    the log says once."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.sweeping: asyncio.Task | None = None  # held here: the event loop holds its tasks weakly
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.sweeping is None and scope["type"] in ("http", "websocket"):
+            keeper = Runtime.instance().uploaded_file_mgr
+            if not hasattr(keeper, "reviews"):  # what uploads_wait_on_disk sets up
+                logging.getLogger(__name__).warning(
+                    "The app's lifespan did not run (it is mounted in another ASGI app that was not given "
+                    "st.App.lifespan()): uploads wait in the server's memory until their page reads them, as "
+                    "Streamlit keeps them, and no limit of what may wait applies. To keep them on disk, give the outer "
+                    "app Streamlit's lifespan, as in FastAPI(lifespan=app.lifespan()).")
+                self.sweeping = sweep_gone_sessions(keeper)
+        await self.app(scope, receive, send)
 
 
 # `streamlit run app.py` serves this: Streamlit itself, plus /export/<file> for the History page's downloads and
-# /session-alive for the pages' reconnections.
+# /session-alive for the pages' reconnections; uploads only from browsers signed in, where sign-in is on.
 app = st.App(__file__, routes=[Route("/export/{name}", export_download),
                                Route("/session-alive", session_alive, methods=["POST"]),
                                Route("/session-alive/{session_id}", session_alive_before)],
+             middleware=[Middleware(StartedWithoutLifespan), Middleware(UploadGate)],
              lifespan=uploads_wait_on_disk)
 
 
@@ -199,33 +311,11 @@ def tune_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
-@st.cache_resource
 def session_reviews() -> SessionReviews:
-    """Once per server: every session's Review, swept in a thread of its own, so the originals a session spooled,
-    and the uploads it never read, leave the disk once Streamlit holds the session no more (it keeps a left session
-    for server.disconnectedSessionTTL seconds, for its browser to reconnect)."""
-    reviews = SessionReviews()
-    every = min(SWEEP_SECONDS, max(1, st.get_option("server.disconnectedSessionTTL")))
-    # Only the session manager knows the sessions kept for a reconnection; AppTest's stand-in runtime has none.
-    sessions = getattr(Runtime.instance(), "_session_mgr", None)
-    if sessions is None:
-        return reviews
-    inbox = Runtime.instance().uploaded_file_mgr.inbox
-
-    def sweep_forever() -> None:
-        def held(session_id: str) -> bool:
-            return sessions.get_session_info(session_id) is not None
-
-        while True:
-            time.sleep(every)
-            try:
-                reviews.sweep(held)
-                inbox.sweep(held)
-            except Exception:  # the next sweep tries again
-                logging.getLogger(__name__).exception("sweeping the sessions' spools failed")
-
-    threading.Thread(target=sweep_forever, name="session-reviews-sweep", daemon=True).start()
-    return reviews
+    """Every session's Review on this server, whose sweep closes the Review of each session gone for good
+    (sweep_gone_sessions); without a server (AppTest), one of the run's own."""
+    reviews = getattr(get_script_run_ctx().uploaded_file_mgr, "reviews", None)
+    return SessionReviews() if reviews is None else reviews
 
 
 def classify_page() -> None:
@@ -423,10 +513,11 @@ def input_sources() -> tuple[list, list[str]]:
     url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
                             placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
     st.html(TEXT_BOXES_KEEP_CTRL_ENTER, unsafe_allow_javascript=True)
-    # A selection dropped while the page read the one before went to the uploader that run retired (the browser
-    # still showed it): Streamlit hands over that uploader's value too, until this run ends. Files already read are
-    # in it as deleted ones.
-    retired = state.get(f"uploader-{state.nonce}-{state.upload_round - 1}") or []
+    # A selection dropped while the page read the ones before went to an uploader a run retired (the browser still
+    # showed it; three drops in a row can reach one two rounds old): Streamlit hands over their values too, until this
+    # run ends. Files already read are in them as deleted ones.
+    retired = [upload for key in list(state.keys()) if key.startswith(f"uploader-{state.nonce}-")
+               and key != f"uploader-{state.nonce}-{state.upload_round}" for upload in state[key] or []]
     uploads = [upload for upload in [*retired, *(uploads or [])] if isinstance(upload, UploadedFile)]
     return uploads, [url for url in dict.fromkeys(line.strip() for line in url_text.splitlines()) if url]
 

@@ -161,11 +161,16 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> tuple[list
     Each picture is imported once, under its first name (in labels.csv's order, or the archive's); the other
     names are returned as duplicates. Images are decoded one at a time (a few dozen at once when the model must
     predict them) and labels.csv is checked row by row as it is read, so memory stays bounded."""
+    from inputs import MEMBER_ERRORS, zip_error_text, zip_lost_entries
+
     try:
         archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as error:
-        raise ArchiveError(f"{path} is not a readable ZIP archive ({error}).") from error
+    except MEMBER_ERRORS as error:
+        raise ArchiveError(f"{path} is not a readable ZIP archive ({zip_error_text(error)}).") from error
     with archive:
+        lost = zip_lost_entries(archive)
+        if lost:
+            raise ArchiveError(f"{path} {lost}.")
         members = _image_members(path, archive)
         listed = "labels.csv" in archive.NameToInfo
         if not listed and predict is None:
@@ -221,7 +226,7 @@ def read_archive(path: str | Path, predict: Predict | None = None) -> tuple[list
 
 def _read_image(path: str | Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> ImageInput:
     """One image member, decoded and fingerprinted, or ArchiveError naming it."""
-    from inputs import MAX_FILE_BYTES, MEMBER_ERRORS, InvalidImageError, read_image_input
+    from inputs import MAX_FILE_BYTES, MEMBER_ERRORS, InvalidImageError, read_image_input, zip_error_text
 
     try:
         with archive.open(info) as member:
@@ -229,8 +234,7 @@ def _read_image(path: str | Path, archive: zipfile.ZipFile, info: zipfile.ZipInf
     except InvalidImageError as error:
         raise ArchiveError(f"{path}: member {error}") from error
     except MEMBER_ERRORS as error:
-        raise ArchiveError(f"{path}: member {info.filename!r} cannot be read "
-                           f"({error or type(error).__name__}).") from error
+        raise ArchiveError(f"{path}: member {info.filename!r} cannot be read ({zip_error_text(error)}).") from error
 
 
 def _label_of(member: str) -> str:
@@ -267,7 +271,7 @@ def _image_members(path: str | Path, archive: zipfile.ZipFile) -> dict[str, zipf
 def _manifest_records(path: str | Path, archive: zipfile.ZipFile) -> Iterator[tuple[int, list[str]]]:
     """labels.csv's non-empty CSV records with the line each starts on, read as they are asked for: a record
     longer than MAX_MANIFEST_ROW_CHARS is refused before it is read whole."""
-    from inputs import MEMBER_ERRORS
+    from inputs import MEMBER_ERRORS, zip_error_text
 
     line, used = 1, 0  # the line the record being read starts on, and its characters so far
 
@@ -293,7 +297,7 @@ def _manifest_records(path: str | Path, archive: zipfile.ZipFile) -> Iterator[tu
         raise ArchiveError(f"{path}: labels.csv line {line} cannot be read as UTF-8 CSV ({error}).") from error
     except MEMBER_ERRORS as error:
         raise ArchiveError(f"{path}: member 'labels.csv' cannot be read at line {line} "
-                           f"({error or type(error).__name__}).") from error
+                           f"({zip_error_text(error)}).") from error
 
 
 def _manifest_rows(path: str | Path, archive: zipfile.ZipFile, images: dict) -> Iterator[tuple[int, dict]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import lzma
 import os
 import re
@@ -46,9 +47,14 @@ SIGNATURE_BYTES = 512  # a member's first bytes, enough to tell an image (or wha
 READABLE_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 COMPRESSION_NAMES = {6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "XZ", 98: "PPMd"}
 MAX_COMPRESSION_RATIO = 100
-# What reading or inflating a damaged member raises (zipfile, zlib, bz2 and lzma each have their own), so that
-# the error names the member: a traceback or a bare "LZMAError: Corrupt input data" names none.
+# What opening a damaged archive, or reading and inflating a damaged member, raises (zipfile, zlib, bz2 and lzma
+# each have their own; NotImplementedError for a ZIP version or method zipfile does not know), so that the error
+# names the archive or member: a traceback or a bare "LZMAError: Corrupt input data" names none.
 MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, EOFError, OSError, ValueError)
+# What the page says of an input that failed in a way no check here foresaw, after its name: the traceback (whose
+# frames name the server's files) goes to the server's log, never to a browser, and the other inputs go on.
+UNFORESEEN = "an unforeseen error; the server's log has the details"
+LOG = logging.getLogger(__name__)
 # 64 megapixels: bigger than any phone photo, far below what would exhaust memory.
 MAX_PIXELS = 64_000_000
 # Decoded images are kept at most this big: all the page shows, and far more than the model's 32x32.
@@ -95,6 +101,13 @@ class InvalidImageError(ValueError):
 
 class FetchError(ValueError):
     """A URL could not be fetched as an image; the message names the URL and the problem."""
+
+
+def unforeseen(error: Exception, what: str) -> str:
+    """Log the traceback of an error no check foresaw while reading `what` (an upload's name, a member, a URL);
+    returns what the page may say of it."""
+    LOG.error("reading %r failed", what, exc_info=error)
+    return f"{UNFORESEEN} ({type(error).__name__})"
 
 
 def _accepted_format_by_signature(data: bytes) -> str | None:
@@ -169,6 +182,11 @@ def load_image(data: bytes, name: str = "") -> Image.Image:
     return _decode(data, name)[0]
 
 
+def content_hash(data: bytes) -> str:
+    """A picture's identity: the SHA-256 of its bytes, whatever the name or URL it came by."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_image_input(data: bytes, source: str) -> ImageInput:
     """Decode and fingerprint an upload or download; the hash, not the user's name, identifies it on disk."""
     image, image_format = _decode(data, source)
@@ -176,7 +194,7 @@ def read_image_input(data: bytes, source: str) -> ImageInput:
         source=source,
         data=data,
         image=image,
-        content_hash=hashlib.sha256(data).hexdigest(),
+        content_hash=content_hash(data),
         extension="jpg" if image_format in JPEG_FORMATS else image_format.lower(),
     )
 
@@ -280,10 +298,11 @@ def upload_problem(name: str, size: int) -> str:
 def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes | None, str | None]]:
     """The files of an uploaded ZIP, one at a time (memory holds one member): (name shown, bytes, None) for each
     member to read as an image, named `archive.zip/folder/file.jpg`; (name shown, None, why) for each member that
-    is left out (an unsafe path, encrypted, unreadable, too big); the rest go on. Folders are read through
-    (ImageFolder or flat); hidden files (`.DS_Store`, the `._` copies macOS adds under `__MACOSX/`) are archive
-    clutter, passed over. Whether a member is an image its first bytes say, before the rest is inflated; the
-    decoder then checks it whole, as any upload."""
+    is left out (an unsafe path, encrypted, unreadable, too big), and for entries the archive claims but whose
+    headers cannot be found; the rest go on. Whatever its headers say, no exception comes out: an archive that
+    cannot be opened is one (name, None, why). Folders are read through (ImageFolder or flat); hidden files
+    (`.DS_Store`, the `._` copies macOS adds under `__MACOSX/`) are archive clutter, passed over. Whether a member
+    is an image its first bytes say, before the rest is inflated; the decoder then checks it whole, as any upload."""
     size = archive_file.seek(0, io.SEEK_END)
     try:
         if zip_entry_count(archive_file, MAX_ZIP_ENTRIES) > MAX_ZIP_ENTRIES:
@@ -291,12 +310,19 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
                                "folders and the hidden files of macOS).")
             return
         archive = zipfile.ZipFile(archive_file)
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        yield name, None, f"'{name}' is not a readable ZIP archive ({error})."
+        lost = zip_lost_entries(archive)
+    except MEMBER_ERRORS as error:
+        yield name, None, f"'{name}' is not a readable ZIP archive ({zip_error_text(error)})."
+        return
+    except Exception as error:  # noqa: BLE001 (no archive may stop the other uploads or reach the page)
+        yield name, None, f"'{name}' could not be read as a ZIP archive: {unforeseen(error, name)}."
         return
     with archive:
+        if lost:
+            yield name, None, f"'{name}' {lost}, and they were left out."
+        # A folder's name ends in "/" (ZipInfo.is_dir() says so too, but raises IndexError on an empty name).
         members = [info for info in archive.infolist()
-                   if not info.is_dir() and not info.filename.rsplit("/", 1)[-1].startswith(".")]
+                   if not info.filename.endswith("/") and not info.filename.rsplit("/", 1)[-1].startswith(".")]
         if len(members) > MAX_ZIP_MEMBERS:
             yield name, None, (f"'{name}' holds {len(members):,} files; the first {MAX_ZIP_MEMBERS:,} were read, "
                                "the rest left out.")
@@ -320,17 +346,35 @@ def zip_images(archive_file: BinaryIO, name: str) -> Iterator[tuple[str, bytes |
                         continue
                     yield shown, head + member.read(MAX_FILE_BYTES + 1 - len(head)), None
             except MEMBER_ERRORS as error:
+                yield shown, None, (f"'{name}': member {info.filename!r} cannot be read ({zip_error_text(error)}); "
+                                    "it was left out.")
+            except Exception as error:  # noqa: BLE001 (one member may not stop the others)
                 yield shown, None, (f"'{name}': member {info.filename!r} cannot be read "
-                                    f"({error or type(error).__name__}); it was left out.")
+                                    f"({unforeseen(error, shown)}); it was left out.")
+
+
+def zip_error_text(error: Exception) -> str:
+    """What an error reading a ZIP says, fit for a message: zipfile raises a bare EOFError where the archive ends
+    inside a member, and quotes a whole damaged header (up to 64 KB of its bytes) where two names differ."""
+    if isinstance(error, EOFError) and not str(error):
+        return "the archive ends inside it"
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _end_record(archive_file: BinaryIO) -> list:
+    """A ZIP's end record, as zipfile reads it (ZIP64's included), or BadZipFile where there is none."""
+    end = zipfile._EndRecData(archive_file)  # noqa: SLF001 (the standard library's reader of that record)
+    if end is None:
+        raise zipfile.BadZipFile("File is not a zip file")
+    return end
 
 
 def zip_entry_count(archive_file: BinaryIO, limit: int) -> int:
     """How many entries a ZIP's central directory holds, counted header by header up to `limit` + 1: zipfile reads
     the whole directory, by the size the archive's end record gives (ZIP64 too), and builds an object for each
     entry, whatever count that record claims. Raises BadZipFile where there is no end record."""
-    end = zipfile._EndRecData(archive_file)  # noqa: SLF001 (the standard library's reader of that record)
-    if end is None:
-        raise zipfile.BadZipFile("File is not a zip file")
+    end = _end_record(archive_file)
     size = end[zipfile._ECD_SIZE]  # noqa: SLF001
     start = end[zipfile._ECD_LOCATION] - size  # noqa: SLF001 (where zipfile reads it, after any prepended data)
     if end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # noqa: SLF001
@@ -347,10 +391,24 @@ def zip_entry_count(archive_file: BinaryIO, limit: int) -> int:
     return count
 
 
+def zip_lost_entries(archive: zipfile.ZipFile) -> str:
+    """What an opened ZIP lost, said after its name, or '': zipfile reads the directory by the size the end record
+    gives and never checks the count that record claims, so entries a damaged size or header hides would vanish
+    without a word. (A count below what is listed loses nothing: the directory is read whole.)"""
+    claimed, listed = _end_record(archive.fp)[zipfile._ECD_ENTRIES_TOTAL], len(archive.infolist())  # noqa: SLF001
+    if claimed <= listed:
+        return ""
+    return (f"claims {claimed:,} entries, but its directory lists {listed:,}: the headers of the other "
+            f"{claimed - listed:,} are damaged")
+
+
 def zip_member_problem(info: zipfile.ZipInfo, limit: int) -> str:
-    """Why a ZIP member must not be read, or '': an unsafe path, encryption, a method zipfile cannot inflate, more
-    than `limit` bytes, or a bomb. Said after the member's name, as in "member 'x.png' is encrypted; ..."."""
+    """Why a ZIP member must not be read, or '': no name, an unsafe path, encryption, a method zipfile cannot
+    inflate, more than `limit` bytes, or a bomb. Said after the member's name, as in "member 'x.png' is encrypted;
+    ..."."""
     path = info.filename
+    if not path:  # zipfile cuts a name at its first NUL byte: one that starts with it is empty
+        return "has no name"
     if path.startswith(("/", "\\")) or "\\" in path or ".." in path.split("/") or re.match(r"^[A-Za-z]:", path):
         return "has an unsafe path (absolute, or with '..')"
     if info.flag_bits & 0x1:
@@ -438,6 +496,7 @@ def _checked_url(url: str) -> str:
 def _download(session, url: str, max_bytes: int, deadline: float, deadline_s: float) -> bytes:
     """Follow at most URL_MAX_REDIRECTS redirects by hand, each hop checked and given only the time left."""
     import requests
+    import urllib3
     from requests_hardened.ip_filter import InvalidIPAddress
 
     current = url
@@ -475,7 +534,8 @@ def _download(session, url: str, max_bytes: int, deadline: float, deadline_s: fl
         raise FetchError(f"{url!r} did not answer in time ({error.__class__.__name__}).") from error
     except requests.ConnectionError as error:
         raise FetchError(f"{url!r} could not be reached: {_reason(error)}.") from error
-    except (requests.RequestException, OSError, ValueError) as error:
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as error:
+        # urllib3's own errors come out of the body's raw reads too (a body that is not the gzip it says it is)
         raise FetchError(f"{url!r} could not be downloaded: {_reason(error)}.") from error
 
 

@@ -9,17 +9,17 @@ import contextlib
 import io
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
 
 from classes import CLASSES
 from display import CARD_SIZE, PICTURE_SIZE, THUMBNAIL_SIZE, encode_image
-from inputs import (FetchError, InvalidImageError, fetch_image, is_zip, read_image_input, upload_problem,
-                    zip_images)
+from inputs import (FetchError, InvalidImageError, content_hash, fetch_image, is_zip, read_image_input, unforeseen,
+                    upload_problem, zip_images)
 from records import NewPrediction
-from spools import Spool
+from spools import Place, Spool
 
 if TYPE_CHECKING:  # the model (torch) is the page's to load
     from classifier import Prediction
@@ -30,7 +30,8 @@ LABEL_CHOICES = (*CLASSES, SKIP)
 CONFIRM, BACK = "confirm", "back"  # the one-at-a-time view's other moves (besides the ten classes and SKIP)
 BATCH = 32  # pictures decoded (on every core) and classified together
 URL_THREADS = 16  # URLs fetched at once, each with its own deadline
-# Originals one page keeps on disk until Save and Clear all: about 1,500 photos of 12 megapixels.
+# The originals of the pictures one page shows or has queued, each once however often it is sent, kept on disk until
+# Clear all: about 1,500 photos of 12 megapixels. Its spool's file holds no more (see Review._room_for).
 MAX_SPOOL_BYTES = 10 * 2**30
 UNKNOWN_FLAG = "maybe none of these classes"
 LOW_CONFIDENCE_FLAG = "low confidence"
@@ -106,6 +107,10 @@ class Review:
         # inputs that brought it lists it (the same picture can come by URL, then by upload).
         self.corrections: dict[str, str] = {}
         self.spool: Spool | None = None
+        self.kept: dict[str, Place] = {}   # content hash -> where the spool has its bytes: each once
+        # The places of the pictures shown or queued, and their bytes (held_bytes); None: to be counted again.
+        self._held: set[Place] | None = None
+        self._held_bytes = 0
         self.at_key: str | None = None     # the picture the one-at-a-time view is at (None: past the last)
         self.at_index = 0                  # its place, which stays when that picture leaves the page
         self.page = 1                      # the page of Cards and Table
@@ -117,6 +122,8 @@ class Review:
         if self.spool is not None:
             self.spool.close()
             self.spool = None
+            self.kept = {}
+            self._held = None
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
@@ -137,36 +144,103 @@ class Review:
     # ------------------------------------------------------------ inputs
 
     def queue(self, key: str, source: str, data: bytes) -> None:
-        """Keep an input's bytes in the spool, to be decoded and classified in a batch; past the page's limit of
-        MAX_SPOOL_BYTES, say so instead."""
+        """Keep an input's bytes in the spool, to be decoded and classified in a batch. A picture is kept once, by
+        its content, however often it is sent (a URL pasted back, photos dropped again), and the page's limit of
+        MAX_SPOOL_BYTES counts the pictures it holds (held_bytes); past it, or should the disk have no room, say so
+        instead."""
+        digest = content_hash(data)
+        if digest not in self.kept:
+            try:
+                why = self._room_for(len(data))
+                if not why:
+                    self.kept[digest] = self.spool.add(data)
+            except OSError as error:  # TMPDIR's disk is full: this input is left out, and the others go on
+                why = (f"the server could not keep it on disk ({error.strerror or 'a disk error'}). Try again in a "
+                       "while.")
+            if why:
+                self.results[key] = f"'{source}' was left out: {why}"
+                return
+        place = self.kept[digest]
+        self.pending.append(Pending(key, source, place))
+        if self._held is not None and place not in self._held:
+            self._held.add(place)
+            self._held_bytes += place[1]
+        self.queued += 1
+
+    def held_bytes(self) -> int:
+        """What the page's limit counts: the bytes of the distinct pictures it shows or has queued. An input that
+        could not be decoded, or that left with its URL, is counted no more (its bytes stay in the spool's file,
+        where a picture sent again is found, until the file would pass the limit)."""
+        # A pass over the page, then kept up by queue: this is asked for each input past the limit, and a ZIP can
+        # bring thousands.
+        if self._held is None:
+            self._held = ({pending.original for pending in self.pending}
+                          | {result.original for result in self.results.values() if isinstance(result, Classified)})
+            self._held_bytes = sum(length for _, length in self._held)
+        return self._held_bytes
+
+    def _room_for(self, length: int) -> str:
+        """Make room in the spool for `length` bytes more, or say why the page may not keep them. Once the spool's
+        file would pass MAX_SPOOL_BYTES, the pictures shown or queued move to a new one (_compact)."""
         if self.spool is None:
             self.spool = Spool()
-        if self.spool.size + len(data) > MAX_SPOOL_BYTES:
-            self.results[key] = (f"'{source}' was left out: this page already holds {self.spool.size / 2**30:.1f} GB "
-                                 f"of pictures, and may hold {MAX_SPOOL_BYTES / 2**30:.0f} GB. Save them, then Clear "
-                                 "all, and upload the rest.")
+        if self.spool.size + length <= MAX_SPOOL_BYTES:
+            return ""
+        held = self.held_bytes()
+        if held + length > MAX_SPOOL_BYTES:
+            return (f"this page already holds {held / 2**30:.1f} GB of pictures (each once, until Clear all), and "
+                    f"may hold {MAX_SPOOL_BYTES / 2**30:.0f} GB. Save them, then Clear all, and upload the rest.")
+        self._compact()
+        return ""
+
+    def _compact(self) -> None:
+        """Move the pictures shown or queued to a new spool (every place that names them follows), and let the old
+        one go with the rest. Not while a Save or a read uses the page (in_use), whose places it would move: the
+        file then passes the limit until the next input after it. Should the disk be full, all stays as it was."""
+        if not self._use.acquire(blocking=False):
             return
-        self.pending.append(Pending(key, source, self.spool.add(data)))
-        self.queued += 1
+        try:
+            self.held_bytes()
+            spool, moved = Spool(), {}
+            try:
+                for place in sorted(self._held):  # in the order of the file
+                    with self.spool.open(place) as part:
+                        moved[place] = spool.add_from(part, place[1])
+            except BaseException:
+                spool.close()
+                raise
+            self.spool.close()
+            self.spool = spool
+            self.kept = {digest: moved[place] for digest, place in self.kept.items() if place in moved}
+            self.pending = [replace(pending, original=moved[pending.original]) for pending in self.pending]
+            self.results = {key: replace(result, original=moved[result.original]) if isinstance(result, Classified)
+                            else result for key, result in self.results.items()}
+            self._held = set(moved.values())
+        finally:
+            self._use.release()
 
     def take_upload(self, upload_id: str, name: str, content: BinaryIO) -> None:
         """Queue an uploaded file, or each image of an uploaded ZIP, member by member; what cannot be read (a file
-        over its size limit, a ZIP member left out) is named in an error, and the rest go on."""
+        over its size limit, a ZIP member left out) is named in an error, and the rest go on. Nothing raises out of
+        here: the uploads after this one are still read."""
         self.taken_uploads.add(upload_id)
         key = upload_key(upload_id)
-        problem = upload_problem(name, content.seek(0, io.SEEK_END))
-        content.seek(0)
-        if problem:
-            self.refuse_upload(upload_id, problem)
-        elif is_zip(name):
-            # Keyed by place in the archive, not by name: a ZIP can hold one name twice.
-            for place, (member, data, error) in enumerate(zip_images(content, name)):
-                if error is None:
-                    self.queue(f"{key}/{place}", member, data)
-                else:
-                    self.results[f"{key}/{place}"] = error
-        else:
-            self.queue(key, name, content.read())
+        try:
+            problem = upload_problem(name, content.seek(0, io.SEEK_END))
+            content.seek(0)
+            if problem:
+                self.refuse_upload(upload_id, problem)
+            elif is_zip(name):
+                # Keyed by place in the archive, not by name: a ZIP can hold one name twice.
+                for place, (member, data, error) in enumerate(zip_images(content, name)):
+                    if error is None:
+                        self.queue(f"{key}/{place}", member, data)
+                    else:
+                        self.results[f"{key}/{place}"] = error
+            else:
+                self.queue(key, name, content.read())
+        except Exception as error:  # noqa: BLE001 (one upload may not stop the others or reach the page)
+            self.results[key] = f"'{name}' could not be read: {unforeseen(error, name)}."
 
     def refuse_upload(self, upload_id: str, why: str) -> None:
         """An upload that cannot be read, and why."""
@@ -175,13 +249,15 @@ class Review:
 
     def take_urls(self, urls: Sequence[str]) -> None:
         """The URLs in the box, in order: a URL taken out of the box leaves the page; those not seen before are
-        fetched (at once, each with its deadline) into the queue."""
+        fetched (at once, each with its deadline) into the queue. A URL pasted back is fetched afresh, as what it
+        serves may have changed; the same bytes are not kept again (queue)."""
         self.urls = list(urls)
         wanted = {f"url-{url}" for url in urls}
         self.results = {key: result for key, result in self.results.items()
                         if not key.startswith("url-") or key in wanted}
         self.pending = [pending for pending in self.pending
                         if not pending.key.startswith("url-") or pending.key in wanted]
+        self._held = None
         for url, fetched in self._fetched(self.new_urls(urls)):
             if isinstance(fetched, FetchError):
                 self.results[f"url-{url}"] = str(fetched)
@@ -206,6 +282,9 @@ class Review:
                     fetched.append((futures[future], future.result()))
                 except FetchError as error:
                     fetched.append((futures[future], error))
+                except Exception as error:  # noqa: BLE001 (one URL may not stop the others or reach the page)
+                    url = futures[future]
+                    fetched.append((url, FetchError(f"{url!r} could not be fetched: {unforeseen(error, url)}.")))
         return fetched
 
     def classify_next(self, predict: Callable[[list[Image.Image]], list[Prediction]],
@@ -225,6 +304,7 @@ class Review:
                 self.results[pending.key] = Classified(pending.source, digest, extension, pending.original, prediction,
                                                        picture, card, thumbnail)
         self.pending = self.pending[len(batch):]
+        self._held = None  # what could not be decoded is counted no more
         done, queued = self.queued - len(self.pending), self.queued
         if not self.pending:
             self.queued = 0
@@ -234,6 +314,7 @@ class Review:
         """Drop these results: their inputs are read again, as if just given (Retry failed URLs)."""
         for key in keys:
             self.results.pop(key, None)
+        self._held = None
 
     # ------------------------------------------------------------ what is on the page
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -19,6 +21,17 @@ IMAGE_DIR_ENV = "CIFAR10_IMAGE_DIR"
 IMAGE_STORE_ENV = "CIFAR10_IMAGE_STORE"
 ADMIN_PASSWORD_ENV = "CIFAR10_ADMIN_PASSWORD"
 ADMINS_ENV = "CIFAR10_ADMINS"
+# What may separate the admins' addresses; what is taken off around each, being what a person does not see or reads
+# as decoration (a TOML list's brackets and quotes, Markdown's backticks, the byte-order mark of a .env saved by
+# Notepad, the zero-width characters of a chat); and what one is: a name with no space, quote, bracket or separator,
+# one @, and a domain of dot-separated labels (letters and digits, hyphens inside; no empty label, no full stop at
+# the end), so that "Ana <ana@example.com>", a stray word or a sentence's full stop is named, not compared with
+# anyone's address. Anything invisible left inside (isprintable) is named too: it would match nobody, unseen.
+ADMIN_SEPARATORS = re.compile(r"[\s,;]+")
+ADMIN_WRAPPING = "[]\"'`\ufeff\u200b\u200c\u200d\u2060\u00ad\u200e\u200f"
+EMAIL_ADDRESS = re.compile(r"[^@\s\"'<>()\[\],;:]+@(?P<domain>[^@\s.]+(?:\.[^@\s.]+)*)")
+# How many wrong admins a SettingsError quotes, and how much of each: it is shown to everyone signed in.
+QUOTED_ENTRIES, QUOTED_LENGTH = 3, 60
 # Both next to app.py, whatever the working directory: a server started elsewhere finds the same store.
 DEFAULT_DB_PATH = ROOT / "image_classification.db"
 DEFAULT_IMAGE_DIR = ROOT / "temp_images"
@@ -54,33 +67,73 @@ def configured_admin_password() -> str | None:
         return os.environ[ADMIN_PASSWORD_ENV]
     return _secrets_setting(ADMIN_PASSWORD_ENV, "the admin password is unknown", "deleting and importing are refused",
                             lambda value: isinstance(value, str) and bool(value), "a password: it must be a quoted "
-                            f'non-empty text ({ADMIN_PASSWORD_ENV} = "...")', "remove the line for no password")
+                            f'non-empty text ({ADMIN_PASSWORD_ENV} = "...")', "remove the line for no password")[0]
 
 
 def configured_admins() -> frozenset[str]:
-    """CIFAR10_ADMINS, the e-mail addresses of the admins when sign-in is on: comma-separated, from the environment
-    (empty: unset), else from the top level of a secrets file (a text, or a list of texts); compared without case
-    and surrounding spaces. Read on every check, like the password, and failing closed like it: a secrets file
-    that cannot be read, or sets it under a [section] or to something else, raises SettingsError (taken as "no
-    admins" or "the old admins", a wrong one would let the wrong people delete)."""
+    """CIFAR10_ADMINS, the e-mail addresses of the admins when sign-in is on: from the environment (empty: unset),
+    else from the top level of a secrets file (a text, or a list of texts); separated by commas, semicolons, spaces
+    or new lines (a TOML list pasted into the environment reads too); compared as normal_address compares. Read on
+    every check, like the password, and failing closed like it: an entry that is not an e-mail address, or a
+    secrets file that cannot be read or sets it under a [section] or to something else, raises SettingsError naming
+    it (taken as "no admins" or "the old admins", a wrong one would let the wrong people delete, or nobody without a
+    word)."""
     def valid(value) -> bool:
         return isinstance(value, str) or (isinstance(value, list) and all(isinstance(name, str) for name in value))
 
-    value = os.environ.get(ADMINS_ENV) or _secrets_setting(
-        ADMINS_ENV, "the admins are unknown", "clearing the database and deleting records others saved are refused",
-        valid, 'e-mail addresses: it must be a quoted text (CIFAR10_ADMINS = "ana@example.com, '
-        'bo@example.com")', "remove the line for no admins") or ""
-    names = value.split(",") if isinstance(value, str) else value
-    return frozenset(name.strip().lower() for name in names if name.strip())
+    refused = "clearing the database and deleting records others saved are refused"
+    value, where = os.environ.get(ADMINS_ENV), "in the environment"
+    if not value:
+        value, secrets = _secrets_setting(
+            ADMINS_ENV, "the admins are unknown", refused, valid, 'e-mail addresses: it must be a quoted text '
+            '(CIFAR10_ADMINS = "ana@example.com, bo@example.com")', "remove the line for no admins")
+        where = f"in the secrets file {secrets}"
+    texts = [value] if isinstance(value, str) else value or []
+    entries = [entry for text in texts
+               for entry in (part.strip(ADMIN_WRAPPING) for part in ADMIN_SEPARATORS.split(text)) if entry]
+    wrong = [entry for entry in entries if not _is_email_address(entry)]
+    if wrong:
+        quoted = ", ".join(_quoted(entry) for entry in wrong[:QUOTED_ENTRIES])
+        more = f" and {len(wrong) - QUOTED_ENTRIES} more" if len(wrong) > QUOTED_ENTRIES else ""
+        which = "which is not an e-mail address" if len(wrong) == 1 else "which are not e-mail addresses"
+        raise SettingsError(f"{ADMINS_ENV} {where} names {quoted}{more}, {which}: {refused} until it is fixed "
+                            "(addresses separated by commas: ana@example.com, bo@example.com).")
+    return frozenset(normal_address(entry) for entry in entries)
 
 
-def _secrets_setting(setting: str, unknown: str, refused: str, valid, form: str, remedy: str):
-    """The value of `setting` at the top level of the first secrets file that sets it (secrets_files()), or None.
-    SettingsError, saying that it is `unknown` and so `refused`, when a file cannot be read, sets it under a
-    [section] or to a value that is not `valid` (`form` says what it must be); never quoting a value."""
+def normal_address(address: str) -> str:
+    """An e-mail address as admins and signed-in people are compared: without surrounding spaces or case, and in
+    one Unicode form (NFC), since "ü" typed as one character or as "u" and a combining mark looks the same. Not
+    casefold: it makes "ß" "ss", another address."""
+    return unicodedata.normalize("NFC", address.strip().lower())
+
+
+def _is_email_address(entry: str) -> bool:
+    """Whether `entry` has the shape of EMAIL_ADDRESS, with nothing invisible in it and a domain whose labels are
+    letters, digits and combining marks (a "ü" may be written as "u" and one), with hyphens only inside."""
+    shape = EMAIL_ADDRESS.fullmatch(entry)
+    return bool(shape) and entry.isprintable() and all(
+        label[0] != "-" and label[-1] != "-"
+        and all(c == "-" or c.isalnum() or unicodedata.category(c).startswith("M") for c in label)
+        for label in shape["domain"].split("."))
+
+
+def _quoted(entry: str) -> str:
+    """A wrong entry as a SettingsError quotes it: cut to about QUOTED_LENGTH characters, and what cannot be seen
+    written as its escape (\\u200b), so that the reader sees what is wrong."""
+    cut = entry if len(entry) <= QUOTED_LENGTH else entry[:QUOTED_LENGTH - 1] + "…"
+    return "'" + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in cut) + "'"
+
+
+def _secrets_setting(setting: str, unknown: str, refused: str, valid, form: str,
+                     remedy: str) -> tuple[object, Path | None]:
+    """The value of `setting` at the top level of the first secrets file that sets it (secrets_files()), and that
+    file; (None, None) when none does. SettingsError, saying that it is `unknown` and so `refused`, when a file
+    cannot be read, sets it under a [section] or to a value that is not `valid` (`form` says what it must be);
+    never quoting a value."""
     import tomllib
 
-    found = None
+    found, where = None, None
     for secrets in secrets_files():
         try:
             settings = tomllib.loads(secrets.read_bytes().decode())
@@ -98,8 +151,9 @@ def _secrets_setting(setting: str, unknown: str, refused: str, valid, form: str,
             if not valid(settings[setting]):
                 raise SettingsError(f"The secrets file {secrets} sets {setting} to something other than {form}. "
                                     f"{refused[0].upper() + refused[1:]} until it is fixed ({remedy}).")
-            found = settings[setting] if found is None else found
-    return found
+            if found is None:
+                found, where = settings[setting], secrets
+    return found, where
 
 
 def _section_setting(table: dict, key: str, within: str = "") -> str | None:
@@ -171,6 +225,10 @@ class Person:
 
     sign_in: bool = False
     email: str = ""
+    # Whether the sign-in provider vouches for that address (signin.address_verified): being an admin by name needs
+    # it, as an address nobody vouches for may be one that whoever runs some directory typed in (Microsoft Entra ID
+    # sends no email_verified claim; another tenant's admin can give an account anyone's address).
+    verified: bool = False
 
 
 # What only some may do (words that finish "Only an admin may ..."); DELETE is of records saved by others.
@@ -181,8 +239,8 @@ DELETE = "delete records saved by others"
 def refusal(person: Person, action: str, password: str = "", owner: str | None = None) -> str | None:
     """Why `person` may not do `action` (CLEAR, or DELETE of a record `owner` saved; owner None: of any record not
     theirs); None: allowed. Without sign-in, the admin password decides (admin_refusal). With it, anyone
-    signed in deletes what they saved themselves, and the rest is for the admins named in CIFAR10_ADMINS, refused
-    while they cannot be known (a broken secrets file)."""
+    signed in deletes what they saved themselves, and the rest is for the admins named in CIFAR10_ADMINS whose
+    address the provider vouches for, refused while they cannot be known (a broken setting)."""
     if not person.sign_in:
         return admin_refusal(password)
     if not person.email:
@@ -194,7 +252,11 @@ def refusal(person: Person, action: str, password: str = "", owner: str | None =
     except SettingsError as error:
         return str(error)
     if person.email in admins:
-        return None
+        if person.verified:
+            return None
+        return (f"Only an admin may {action}: {ADMINS_ENV} names you, {person.email}, but your sign-in provider did "
+                "not say that this address is verified (its email_verified claim), which an admin needs. On Microsoft "
+                "Entra ID, add the optional claim xms_edov to the app's ID token.")
     if action == DELETE and owner is not None:
         whose = f"by {owner}" if owner else "before people signed in"
         return f"Only an admin may {action}: this one was saved {whose}, and you are {person.email}."

@@ -12,7 +12,7 @@ import streamlit as st
 from streamlit.errors import StreamlitSecretNotFoundError
 
 from display import escape_markdown
-from settings import ADMINS_ENV, Person, SettingsError, configured_admins
+from settings import ADMINS_ENV, CLEAR, Person, SettingsError, normal_address, refusal
 
 TITLE = "CIFAR-10 image classifier"
 
@@ -30,13 +30,32 @@ def sign_in_required() -> bool:
 
 
 def email_of(user: Mapping) -> str:
-    """The signed-in person's e-mail, lowercased and trimmed (as CIFAR10_ADMINS is compared), from st.user or
-    Streamlit's identity cookie; "" when nobody is signed in, when the provider gave no e-mail, or when it says the
-    address is not verified (anyone could otherwise name themselves an admin)."""
+    """The signed-in person's e-mail, as CIFAR10_ADMINS is compared (normal_address), from st.user or Streamlit's
+    identity cookie; "" when nobody is signed in, when the provider gave no e-mail, or when it sends an
+    email_verified claim that is not a yes (_claim: anyone could otherwise sign in as anyone). A provider that sends
+    no such claim at all (Microsoft Entra ID) is taken at its word for who saved what, but makes nobody an admin
+    (address_verified)."""
     email = user.get("email")
-    if not user.get("is_logged_in") or user.get("email_verified") is False or not isinstance(email, str):
+    if not user.get("is_logged_in") or not isinstance(email, str):
         return ""
-    return email.strip().lower()
+    if "email_verified" in user and not _claim(user, "email_verified"):
+        return ""
+    return normal_address(email)
+
+
+def address_verified(user: Mapping) -> bool:
+    """Whether the provider vouches for the signed-in person's address: its email_verified claim is a yes, or, where
+    it sends none, Microsoft Entra ID's optional xms_edov claim (the address's domain is one the tenant verified)
+    is."""
+    return _claim(user, "email_verified" if "email_verified" in user else "xms_edov")
+
+
+def _claim(user: Mapping, name: str) -> bool:
+    """Whether a yes-or-no claim is a yes: true, or the text "true" in any case (some providers send their booleans
+    as texts). Anything else sent, 1 and "yes" too, is a no: no provider is known to send those, and a claim
+    misread must keep people out rather than let them in."""
+    value = user.get(name)
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
 
 
 def current_person() -> Person:
@@ -46,7 +65,9 @@ def current_person() -> Person:
         required = sign_in_required()
     except SettingsError:
         return Person(sign_in=True)
-    return Person(sign_in=True, email=email_of(st.user)) if required else Person()
+    if not required:
+        return Person()
+    return Person(sign_in=True, email=email_of(st.user), verified=address_verified(st.user))
 
 
 def signed_in_or_sign_in_page() -> Person | None:
@@ -83,10 +104,7 @@ def sidebar(person: Person) -> None:
     """Who is signed in, whether an admin, and the way out; nothing without sign-in."""
     if not person.sign_in:
         return
-    try:
-        admin = person.email in configured_admins()
-    except SettingsError:
-        admin = False  # the sidebar's Clear database says why
+    admin = refusal(person, CLEAR) is None  # when not, the sidebar's Clear database says why
     with st.sidebar:
         st.caption(f"Signed in as **{escape_markdown(person.email)}**"
                    + (f" · admin ({ADMINS_ENV})" if admin else ""))

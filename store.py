@@ -223,7 +223,7 @@ class Store:
         change = Change(f"save of {changed} image{'s' * (changed != 1)}", tuple(created), tuple(relabelled)) \
             if changed else None
         return SaveResult(saved=len(created), updated=len(relabelled),
-                          unchanged=len(predictions) - changed, change=change)
+                          unchanged=len(latest) - changed, change=change)  # pictures: one sent twice is one
 
     def _put_in_groups(self, new: Sequence[NewPrediction], original: Callable[[NewPrediction], bytes],
                        written: list[str]) -> None:

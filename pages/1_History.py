@@ -120,8 +120,11 @@ labels_column, toggles_column, dates_column = st.columns([3, 2, 2])
 with labels_column:
     labels = st.multiselect("Final label", CLASSES, placeholder="All labels")
     everyone = people(store.store_id, store.revision(), store)
-    chosen_people = st.multiselect("Saved or labelled by", everyone, placeholder="Everyone",
-                                   help="Records these people saved, or gave their label last.") if everyone else []
+    # Someone chosen stays chosen when their last record goes (deleted, or relabelled by someone else): the filter
+    # says so and matches none, instead of dropping them and showing everyone's records.
+    offered = sorted({*everyone, *state.get("history_people", [])})
+    chosen_people = st.multiselect("Saved or labelled by", offered, key="history_people", placeholder="Everyone",
+                                   help="Records these people saved, or gave their label last.") if offered else []
 with toggles_column:
     corrected_only = st.toggle("Corrected only", help="Only images whose prediction was corrected.")
     flagged_only = st.toggle("Maybe none of the ten only",

@@ -1107,3 +1107,64 @@ def test_two_zip_members_of_one_name_are_both_read(store_env):
     app = start_app()
     upload(app, [("twice.zip", buffer.getvalue(), "application/zip")])
     assert not app.error and "3 images classified" in app.subheader[0].value
+
+
+def test_a_zip_zipfile_will_not_open_is_named_and_the_picture_dropped_with_it_is_read(store_env):
+    """Issue 27.2: a 214-byte ZIP whose headers say "version needed 6.4" raised NotImplementedError out of
+    zipfile: the page showed a traceback with the server's paths, and the picture dropped after it was never read."""
+    from test_inputs import version_6_4_zip
+
+    app = start_app()
+    upload(app, [("v64.zip", version_6_4_zip(), "application/zip"), ("red.png", RED, "image/png")])
+    [error] = [shown(error.value) for error in app.error]
+    assert error == "'v64.zip' is not a readable ZIP archive (zip file version 6.4)."
+    assert "1 image classified" in app.subheader[0].value and len(app.selectbox) == 1
+
+
+def test_an_error_no_page_foresaw_reaches_the_browser_without_its_details():
+    """Issue 27.2: .streamlit/config.toml's client.showErrorDetails. Its type, message and traceback name the
+    server's files: the browser gets Streamlit's generic words, the server's log the rest."""
+    app = AppTest.from_string(f"raise RuntimeError('under {ROOT}')")
+    app.run()
+    [error] = app.exception
+    assert error.message.startswith("This app has encountered an error.") and not error.stack_trace
+    assert str(ROOT) not in str(error.proto) and "RuntimeError" not in str(error.proto)
+
+
+def test_a_picture_sent_again_and_again_is_kept_once(store_env, local_server, monkeypatch):
+    """Issue 27.4: a URL taken out of the box and pasted back, and a photo dropped again, were kept again each time:
+    a page showing two pictures grew its spool with every edit, until it refused new pictures at its limit."""
+    monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
+    local_server.routes["/red.png"] = Route(body=RED)
+    url = local_server.url("/red.png")
+    app = start_app()
+    for _ in range(3):
+        app.text_area[0].input(url)
+        app.run()
+        app.text_area[0].input("")
+        app.run()
+        upload(app, [("blue.jpg", BLUE, "image/jpeg")])
+    app.text_area[0].input(url)
+    app.run()
+    assert not app.exception and "2 images classified" in app.subheader[0].value
+    assert app.session_state["review"].spool.size == len(RED) + len(BLUE)
+
+
+def test_a_url_or_an_upload_the_disk_has_no_room_for_is_named_on_every_run(store_env, local_server, monkeypatch):
+    """TMPDIR's disk full: a URL's OSError came out of every run of the page, and an upload got "an unforeseen
+    error". Each is named, and the picture dropped with them is shown."""
+    from test_spools import no_room_on_disk
+
+    monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
+    local_server.routes["/blue.jpg"] = Route(body=BLUE)
+    url = local_server.url("/blue.jpg")
+    app = start_app()
+    no_room_on_disk(monkeypatch, of=lambda data: data in (BLUE, GREEN))
+    app.text_area[0].input(url)
+    app.run()
+    upload(app, [("green.png", GREEN, "image/png"), ("red.png", RED, "image/png")])
+    app.run()
+    assert not app.exception
+    no_room = "was left out: the server could not keep it on disk (No space left on device). Try again in a while."
+    assert [shown(error.value) for error in app.error] == [f"'green.png' {no_room}", f"'{url}' {no_room}"]
+    assert "1 image classified" in app.subheader[0].value

@@ -4,21 +4,25 @@ are refused by member with nothing imported; the export streams in bounded memor
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import struct
 import subprocess
 import sys
 import zipfile
 from dataclasses import replace
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
 
 import db
 from archives import import_archive, iter_csv, iter_zip
-from conftest import ROOT, image_bytes
+from conftest import ROOT, image_bytes, zip_of
 from db import ArchiveError, NewPrediction, Store
 from display import thumbnail
 from records import Duplicate
+from test_inputs import header_places, mutated_zips, needing_version_6_4, version_6_4_zip, with_a_nameless_member
 
 
 def picture(index: int, image_format: str = "PNG") -> NewPrediction:
@@ -483,3 +487,71 @@ def test_a_labels_csv_whose_content_hash_does_not_match_its_image_is_refused(sto
         import_archive(store, path, make_thumbnail=thumbnail)
     assert store.count() == 0 and not list(store.images.stored())
     store.close()
+
+
+# ---------------------------------------------------------------- ZIPs whose headers say anything (issue 27.2)
+
+def test_a_zip_zipfile_will_not_open_is_refused_by_name(store_env, tmp_path):
+    """The 214-byte ZIP that says it needs ZIP version 6.4: the command line said "error: NotImplementedError: zip
+    file version 6.4", naming no file."""
+    path = tmp_path / "v64.zip"
+    path.write_bytes(version_6_4_zip())
+    result = run_cli("import", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {path} is not a readable ZIP archive (zip file version 6.4)." in result.stderr, result.stderr
+
+
+def test_a_member_whose_name_is_cut_to_nothing_is_refused_by_name(store_env, tmp_path):
+    """zipfile cuts a name at its first NUL byte, and Python 3.11's ZipInfo.is_dir() raises IndexError on the empty
+    name left: the command line said "error: IndexError: string index out of range", naming no file."""
+    path = tmp_path / "nameless.zip"
+    path.write_bytes(with_a_nameless_member(EXPORTED_ZIP))
+    result = run_cli("import", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {path}: member '' has no name." in result.stderr, result.stderr
+
+
+def test_an_imagefolder_zip_whose_directory_hides_entries_is_refused_not_imported_in_part(store_env, tmp_path):
+    """Without labels.csv nothing else lists the images: zipfile reads the directory by the size the end record
+    gives, and entries a damaged size hides would not be imported, without a word."""
+    data = bytearray(zip_of(good_members(3)))
+    places = header_places(bytes(data))
+    last_entry = places["end"][0] - places["central"][-1]  # the directory's size and start: the last entry's
+    struct.pack_into("<II", data, places["end"][0] + 12, last_entry, places["central"][-1])
+    path = tmp_path / "hiding.zip"
+    path.write_bytes(data)
+    store = Store.from_env()
+    with pytest.raises(ArchiveError) as caught:
+        import_archive(store, path, db._predictor(store), make_thumbnail=thumbnail)
+    assert str(caught.value) == (f"{path} claims 3 entries, but its directory lists 1: the headers of the other 2 "
+                                 "are damaged.")
+    assert store.count() == 0
+
+
+EXPORTED = {**good_members(3)}
+EXPORTED_ZIP = zip_of({**EXPORTED, "labels.csv": manifest_for(EXPORTED)})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutant=mutated_zips(EXPORTED_ZIP))
+@example(mutant=needing_version_6_4(EXPORTED_ZIP))
+@example(mutant=with_a_nameless_member(EXPORTED_ZIP))
+def test_any_export_whatever_its_headers_say_is_imported_or_refused_by_name_with_nothing_half_written(
+        store_env, tmp_path, mutant):
+    """`python db.py import` reads ZIPs with its own code: whatever the headers of an export say, it imports the
+    export's pictures or refuses it naming the file, and a refusal writes nothing. (One store for every example:
+    importing a picture again changes nothing.)"""
+    path = tmp_path / "mutant.zip"
+    path.write_bytes(mutant)
+    store = Store.from_env()
+    try:
+        before = comparable(store)
+        try:
+            import_archive(store, path, make_thumbnail=thumbnail)
+        except ArchiveError as error:
+            assert str(error).startswith(str(path)), error
+            assert comparable(store) == before
+        assert {record[0] for record in comparable(store)} <= {hashlib.sha256(data).hexdigest()
+                                                              for data in EXPORTED.values()}
+    finally:
+        store.close()

@@ -322,3 +322,40 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
             other.get_by_text("Saved 81 images").wait_for(timeout=60_000)
         assert saved_count(other) == "83"
 
+
+
+# Those of these file names that the page does not show outside its uploaders (which list what they hold, read or not).
+NOT_IN_THE_REVIEW = """names => {
+  const page = document.querySelector('[data-testid="stMain"]').cloneNode(true);
+  page.querySelectorAll('[data-testid="stFileUploader"]').forEach(uploader => uploader.remove());
+  return names.filter(name => !page.textContent.includes(name));
+}"""
+
+
+def test_three_selections_dropped_in_quick_succession_are_all_read(browser, tmp_path):
+    """Issue 27.7: three selections dropped one after another, each while the page reads the one before: every
+    picture of all three is read, whichever uploader each reached (the page retires its uploader once it has read
+    what that holds, while the browser may still show it)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    store = {"CIFAR10_DB_PATH": str(tmp_path / "browser.db"), "CIFAR10_IMAGE_DIR": str(tmp_path / "images")}
+    selections = [pictures(tmp_path, *((f"drop{drop}-{index}.png", (20 + 80 * drop, 40 + 70 * index, 220 - 90 * drop))
+                                       for index in range(3))) for drop in range(3)]
+    with streamlit_servers(store, [tmp_path / "server.log"]) as [server]:
+        page = new_page(browser)
+        open_app(page, server.url)
+        uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+        for selection in selections:
+            ended = runs_ended(page)
+            uploader.first.set_input_files(selection)
+            # The next one as soon as the page reads this one (its run has started, or even ended): then the page
+            # has retired the uploader that the browser still shows and the next selection reaches.
+            page.wait_for_function("([ended, idle]) => window.appRunsEnded > ended || !document.querySelector(idle)",
+                                   arg=[ended, IDLE], timeout=30_000)
+        names = [Path(path).name for selection in selections for path in selection]
+        try:  # the count is drawn before the cards that name the pictures
+            page.wait_for_function(f"names => ({NOT_IN_THE_REVIEW})(names).length === 0", arg=names, timeout=60_000)
+        except PlaywrightTimeout:
+            pass  # the assertion names the pictures lost
+        lost = page.evaluate(NOT_IN_THE_REVIEW, names)
+        assert not lost and page.get_by_text("9 images classified").is_visible(), f"lost: {lost}"

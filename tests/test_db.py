@@ -92,6 +92,37 @@ def test_relabelling_a_saved_image_updates_it_and_undo_restores_the_old_label(st
     assert labels(store) == {"a.png": "cat", "b.png": "cat"} and store.summary().incorrect == 0
 
 
+def test_a_correction_is_dated_when_it_is_made_and_undo_gives_the_old_date_back(store):
+    """Issue 27.6: a correction that kept the old labelled_at passed every test (the clock steps in seconds)."""
+    store.save_predictions([prediction("a", "cat")], by="ana@example.com")
+    long_ago = "2020-01-02T03:04:05+00:00"
+    with store.database.transaction(write=True) as cursor:
+        cursor.execute("UPDATE predictions SET labelled_at = ?", (long_ago,))
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    result = store.save_predictions([prediction("a", "cat", final="dog")], by="bo@example.com")
+    [record] = store.list_predictions()
+    assert (record.final_label, record.labelled_by) == ("dog", "bo@example.com")
+    assert before <= datetime.fromisoformat(record.labelled_at) <= datetime.now(timezone.utc)
+    store.undo(result.change)
+    [record] = store.list_predictions()
+    assert (record.final_label, record.labelled_by, record.labelled_at) == ("cat", "ana@example.com", long_ago)
+
+
+def test_one_picture_twice_in_a_batch_keeps_the_last_label(store):
+    """save_predictions' promise, kept whether the picture is new or saved before; it is one picture in the counts."""
+    result = store.save_predictions([prediction("a", "cat", final="dog", source="first.png"),
+                                     prediction("a", "cat", final="ship", source="last.png")])
+    assert (result.saved, result.updated, result.unchanged) == (1, 0, 0)
+    [record] = store.list_predictions()
+    assert (record.source, record.final_label, record.edits) == ("last.png", "ship", 0)
+    result = store.save_predictions([prediction("a", "cat", final="truck"), prediction("a", "cat", final="ship")])
+    assert (result.saved, result.updated, result.unchanged, result.change) == (0, 0, 1, None)
+    result = store.save_predictions([prediction("a", "cat", final="ship"), prediction("a", "cat", final="horse")])
+    assert (result.saved, result.updated, result.unchanged) == (0, 1, 0)
+    [record] = store.list_predictions()
+    assert (record.final_label, record.edits) == ("horse", 1) and store.count() == 1
+
+
 def test_summary_for_the_sidebar(store):
     empty = store.summary()
     assert empty.total == 0 and empty.class_counts == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import zipfile
 import zlib
 
 import numpy as np
@@ -319,3 +320,140 @@ def test_a_big_png_with_transparency_is_reduced_flattened_and_upright():
     image = load_image(buffer.getvalue(), "big.png")
     assert image.size == (512, 384) and image.mode == "RGB"
     assert image.getpixel((100, 200)) == (255, 0, 0) and image.getpixel((400, 200)) == (255, 255, 255)
+
+
+# ---------------------------------------------------------------- ZIPs whose headers say anything
+
+def version_6_4_zip() -> bytes:
+    """Issue 27.2's 214-byte ZIP: one picture, whose headers say it needs ZIP version 6.4 to be extracted. zipfile
+    refuses to open it with NotImplementedError, which the page showed as a traceback."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("photos/cat-4.png", image_bytes("PNG", size=(4, 4)))
+    data = needing_version_6_4(buffer.getvalue())
+    assert len(data) == 214
+    return data
+
+
+def needing_version_6_4(archive: bytes) -> bytes:
+    """This ZIP, its first member's headers saying it needs ZIP version 6.4 (zipfile reads up to 6.3)."""
+    places = header_places(archive)
+    data = with_field(archive, "local", places["local"][0], "version needed", 64)
+    return with_field(data, "central", places["central"][0], "version needed", 64)
+
+
+def with_a_nameless_member(archive: bytes) -> bytes:
+    """This ZIP, its first member's name starting with a NUL byte in both its headers: zipfile cuts a name at its
+    first NUL, so that one has none."""
+    places = header_places(archive)
+    data = bytearray(archive)
+    data[places["local"][0] + 30] = data[places["central"][0] + 46] = 0  # the first byte of each copy of the name
+    return bytes(data)
+
+
+# (offset, struct format) of each field a broken or hostile tool can set to anything, in each kind of ZIP record.
+ZIP_FIELDS = {
+    "local": {"version needed": (4, "<H"), "flags": (6, "<H"), "method": (8, "<H"), "crc": (14, "<I"),
+              "compressed size": (18, "<I"), "size": (22, "<I"), "name length": (26, "<H"),
+              "extra length": (28, "<H")},
+    "central": {"version made by": (4, "<H"), "version needed": (6, "<H"), "flags": (8, "<H"), "method": (10, "<H"),
+                "crc": (16, "<I"), "compressed size": (20, "<I"), "size": (24, "<I"), "name length": (28, "<H"),
+                "extra length": (30, "<H"), "comment length": (32, "<H"), "disk": (34, "<H"),
+                "external attributes": (38, "<I"), "local header offset": (42, "<I")},
+    "end": {"disk": (4, "<H"), "directory's disk": (6, "<H"), "entries on this disk": (8, "<H"), "entries": (10, "<H"),
+            "directory size": (12, "<I"), "directory offset": (16, "<I"), "comment length": (20, "<H")},
+}
+# Values that mean something in those fields: versions (2.0, 4.5, 6.3, 6.4), flag bits (encrypted, sizes after the
+# data, patched data, strong encryption, UTF-8 names, a masked directory), methods (stored, deflate, bzip2, LZMA,
+# Deflate64, Zstandard, XZ, AES), ZIP64's "look in the extra field".
+ZIP_VALUES = (0, 1, 2, 0x8, 0xC, 0xE, 9, 20, 45, 63, 64, 93, 95, 99, 0x20, 0x40, 0x800, 0x2000, 0xFFFF, 0xFFFFFFFF)
+
+
+def header_places(archive: bytes) -> dict[str, list[int]]:
+    """Where each local header, central directory entry and the end record of a (valid) ZIP start."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as opened:
+        local = [info.header_offset for info in opened.infolist()]
+        at = opened.start_dir
+    central = []
+    while archive[at:at + 4] == b"PK\x01\x02":
+        central.append(at)
+        at += 46 + sum(struct.unpack_from("<HHH", archive, at + 28))
+    return {"local": local, "central": central, "end": [archive.rindex(b"PK\x05\x06")]}
+
+
+def with_field(archive: bytes, record: str, start: int, field: str, value: int) -> bytes:
+    """This ZIP with one field of the record at `start` set to `value` (clipped to what the field holds)."""
+    offset, layout = ZIP_FIELDS[record][field]
+    data = bytearray(archive)
+    struct.pack_into(layout, data, start + offset, min(max(value, 0), 2 ** (8 * struct.calcsize(layout)) - 1))
+    return bytes(data)
+
+
+@st.composite
+def mutated_zips(draw, archive: bytes) -> bytes:
+    """This ZIP with one to four of its header fields set to another value: a meaningful one, a neighbour of the
+    old one, or any."""
+    places = header_places(archive)
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        record = draw(st.sampled_from(sorted(ZIP_FIELDS)))
+        start = draw(st.sampled_from(places[record]))
+        field = draw(st.sampled_from(sorted(ZIP_FIELDS[record])))
+        offset, layout = ZIP_FIELDS[record][field]
+        old = struct.unpack_from(layout, archive, start + offset)[0]
+        archive = with_field(archive, record, start, field, draw(st.one_of(
+            st.sampled_from(ZIP_VALUES), st.sampled_from((old - 1, old + 1)),
+            st.integers(min_value=0, max_value=2 ** (8 * struct.calcsize(layout)) - 1))))
+    return archive
+
+
+def test_a_zip_zipfile_will_not_open_is_refused_by_name():
+    [(shown, data, error)] = inputs.zip_images(io.BytesIO(version_6_4_zip()), "v64.zip")
+    assert (shown, data) == ("v64.zip", None)
+    assert error == "'v64.zip' is not a readable ZIP archive (zip file version 6.4)."
+
+
+def three_pictures_zip() -> tuple[bytearray, dict[str, list[int]]]:
+    """A ZIP of three small pictures, stored, and where its headers are."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index in range(3):
+            archive.writestr(f"{index}.png", image_bytes("PNG", size=(8, 8), color=(index * 80, 0, 0)))
+    return bytearray(buffer.getvalue()), header_places(buffer.getvalue())
+
+
+def read_zip(data: bytes) -> list[tuple[str, str | None]]:
+    return [(shown, error) for shown, _, error in inputs.zip_images(io.BytesIO(bytes(data)), "three.zip")]
+
+
+def test_a_member_whose_name_is_cut_to_nothing_is_named_and_the_others_are_read():
+    """Python 3.11's ZipInfo.is_dir() raises IndexError on an empty name: one nameless entry lost every picture of
+    the ZIP (and `python db.py import` said only "IndexError")."""
+    data, _ = three_pictures_zip()
+    assert read_zip(with_a_nameless_member(bytes(data))) == [
+        ("three.zip/", "'three.zip': member '' has no name; it was left out."),
+        ("three.zip/1.png", None), ("three.zip/2.png", None)]
+
+
+def test_entries_a_damaged_directory_size_hides_are_said_to_be_lost():
+    """zipfile reads the directory by the size the end record gives: one that covers only the last entry would
+    lose the other two without a word."""
+    data, places = three_pictures_zip()
+    last_entry = places["end"][0] - places["central"][-1]  # the directory's size and start: the last entry's
+    struct.pack_into("<II", data, places["end"][0] + 12, last_entry, places["central"][-1])
+    assert read_zip(data) == [
+        ("three.zip", "'three.zip' claims 3 entries, but its directory lists 1: the headers of the other 2 are "
+                      "damaged, and they were left out."),
+        ("three.zip/2.png", None)]
+
+
+def test_a_member_the_archive_ends_inside_and_a_long_damaged_header_are_said_in_words():
+    """zipfile raises a bare EOFError for the one, and quotes a whole damaged header for the other."""
+    data, places = three_pictures_zip()
+    struct.pack_into("<II", data, places["central"][2] + 20, 10_000, 10_000)  # the last member's sizes
+    struct.pack_into("<H", data, places["local"][1] + 26, 5000)         # the second's name length, in its header
+    first, (second, why), third = read_zip(data)
+    assert first == ("three.zip/0.png", None) and second == "three.zip/1.png"
+    assert why.startswith("'three.zip': member '1.png' cannot be read (File name in directory '1.png' and header b")
+    assert why.endswith("...); it was left out.") and len(why) < 300
+    assert third == ("three.zip/2.png", "'three.zip': member '2.png' cannot be read (the archive ends inside it); "
+                                        "it was left out.")

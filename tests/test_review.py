@@ -9,15 +9,19 @@ import io
 import random
 import struct
 import tracemalloc
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import example, given, settings
 
 from classifier import Prediction
-from conftest import Route, image_bytes, zip_of
+from conftest import ROOT, Route, files_held_open, image_bytes, zip_of
 import review as review_module
-from inputs import MAX_ZIP_ENTRIES, zip_images
+from inputs import MAX_ZIP_ENTRIES, UNFORESEEN, zip_images
 from review import BACK, CONFIRM, PAGE_SIZE, SKIP, Classified, Review, SessionReviews
+from test_inputs import mutated_zips, needing_version_6_4, with_a_nameless_member
+from test_spools import no_room_on_disk, spool_folder  # noqa: F401 (a fixture)
 
 RED = image_bytes("PNG", size=(40, 30), color=(220, 20, 20))
 BLUE = image_bytes("JPEG", size=(40, 30), color=(20, 40, 220))
@@ -272,3 +276,256 @@ def test_a_session_s_originals_go_once_streamlit_holds_it_no_more_and_never_unde
     replaced.queue("file-2", "blue.jpg", BLUE)
     sessions.seen("kept", replaced)
     assert sessions.sweep(lambda session_id: False) == 1 and replaced.spool is None and kept.spool is not None
+
+
+def pictures_zip() -> tuple[bytes, dict[str, bytes]]:
+    """A valid ZIP of three pictures, stored and deflated, in folders and not, and its members."""
+    members = {"cat/a.png": image_bytes("PNG", size=(16, 12), color=(250, 200, 0)),
+               "dog/b.jpg": image_bytes("JPEG", size=(16, 12), color=(0, 90, 250)),
+               "c.gif": image_bytes("GIF", size=(16, 12), color=(120, 0, 160))}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for (name, data), method in zip(members.items(), (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED,
+                                                           zipfile.ZIP_STORED)):
+            archive.writestr(name, data, compress_type=method)
+    return buffer.getvalue(), members
+
+
+PICTURES_ZIP, PICTURES = pictures_zip()
+# What a message must never show a browser: a traceback, or where the server keeps its code.
+SERVER_DETAILS = ("Traceback", 'File "', str(ROOT), "site-packages", "/usr/lib/", ".pyenv")
+
+
+def same_prediction(images: list) -> list[Prediction]:
+    """The model's place where what it says does not matter: the shipped one takes half a second a batch here, and
+    hundreds of ZIPs go through the test below."""
+    return [Prediction("cat", 0.9, [("cat", 0.9)], [], 0.0, False) for _ in images]
+
+
+def read_with_same_prediction(review: Review) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        while review.pending:
+            review.classify_next(same_prediction, pool, "v1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutated_zips(PICTURES_ZIP))
+@example(needing_version_6_4(PICTURES_ZIP))
+@example(with_a_nameless_member(PICTURES_ZIP))
+def test_any_zip_of_pictures_whatever_its_headers_say_is_read_or_refused_by_name_and_the_drop_goes_on(mutant):
+    """Issue 27.2: whatever a ZIP's headers say (versions, flags, methods, sizes, offsets, name lengths, counts),
+    its pictures are on the page or it and its members are named in errors that say what is wrong, nothing escapes
+    to the page, and the picture dropped after it is read."""
+    review = Review()
+    try:
+        review.take_upload("zip", "mutant.zip", io.BytesIO(mutant))
+        review.take_upload("png", "green.png", io.BytesIO(GREEN))
+        read_with_same_prediction(review)
+        on_page = {item.content_hash: item.source for _, item in review.items()}
+        assert on_page.get(hashlib.sha256(GREEN).hexdigest()) == "green.png"
+        for name, data in PICTURES.items():  # on the page, or the ZIP is named in an error
+            assert hashlib.sha256(data).hexdigest() in on_page or any(
+                error.startswith("'mutant.zip") for error in review.errors()), name
+        for key, result in review.results.items():  # each error of the ZIP names it, or it and a member of it
+            assert not (key.startswith("file-zip") and isinstance(result, str)) or result.startswith("'mutant.zip"), \
+                result
+        for error in review.errors():
+            assert not any(detail in error for detail in SERVER_DETAILS), error
+            assert UNFORESEEN not in error, error  # each refusal says what is wrong, not "an unforeseen error"
+    finally:
+        review.close()
+
+
+def test_a_url_whose_body_is_not_the_gzip_it_says_is_named_and_the_other_urls_are_read(local_server,
+                                                                                       allow_loopback_urls):
+    """urllib3's DecodeError is no requests error: it came out of the fetch, and the page showed a traceback."""
+    local_server.routes["/red.png"] = Route(body=RED)
+    local_server.routes["/lying.png"] = Route(body=RED, headers={"Content-Encoding": "gzip"})
+    lying, red = local_server.url("/lying.png"), local_server.url("/red.png")
+    review = Review()
+    review.take_urls([lying, red])
+    assert [pending.source for pending in review.pending] == [red]
+    assert review.errors() == [f"{lying!r} could not be downloaded: Error -3 while decompressing data: incorrect "
+                               "header check."]
+
+
+class FailsWithin(io.BytesIO):
+    """A file whose storage fails, in a way nothing foresees, on reading any of its bytes from `start` to `stop`."""
+
+    def __init__(self, data: bytes, start: int, stop: int) -> None:
+        super().__init__(data)
+        self.start, self.stop = start, stop
+
+    def read(self, size: int | None = -1) -> bytes:
+        at = self.tell()
+        end = at + size if size is not None and size >= 0 else len(self.getbuffer())
+        if at < self.stop and end > self.start:
+            raise RuntimeError(f"the disk under {ROOT} failed")
+        return super().read(size)
+
+
+def test_an_input_that_fails_as_nothing_foresaw_is_named_its_traceback_logged_and_the_rest_are_read(
+        local_server, allow_loopback_urls, monkeypatch, caplog):
+    """The last resort, per upload, per ZIP member and per URL: the page names the input and says the server's log
+    has the details (no path of the server, which the error's text and traceback hold); the log has the traceback."""
+    members = {"a.png": RED, "b.png": BLUE, "c.png": GREEN}
+    archive = zip_of(members)
+    with zipfile.ZipFile(io.BytesIO(archive)) as opened:  # the storage fails inside b.png's data
+        b_data = opened.getinfo("b.png").header_offset + 40
+    local_server.routes["/red.png"] = Route(body=RED)
+    red = local_server.url("/red.png")
+    real_fetch = review_module.fetch_image
+    monkeypatch.setattr(review_module, "fetch_image", lambda url: real_fetch(red) if url == red else 1 / 0)
+    review = Review()
+    review.take_upload("1", "gone.png", FailsWithin(RED, 0, len(RED)))
+    review.take_upload("2", "failing.zip", FailsWithin(archive, b_data, b_data + 1))
+    review.take_upload("3", "green.png", io.BytesIO(GREEN))
+    review.take_urls(["http://127.0.0.1:9/x.png", red])
+    assert [pending.source for pending in review.pending] == ["failing.zip/a.png", "failing.zip/c.png", "green.png",
+                                                               red]
+    assert review.errors() == [
+        f"'gone.png' could not be read: {UNFORESEEN} (RuntimeError).",
+        f"'failing.zip': member 'b.png' cannot be read ({UNFORESEEN} (RuntimeError)); it was left out.",
+        f"'http://127.0.0.1:9/x.png' could not be fetched: {UNFORESEEN} (ZeroDivisionError)."]
+    logged = [(record.getMessage(), record.exc_info[0]) for record in caplog.records if record.exc_info]
+    assert logged == [("reading 'gone.png' failed", RuntimeError), ("reading 'failing.zip/b.png' failed", RuntimeError),
+                      ("reading 'http://127.0.0.1:9/x.png' failed", ZeroDivisionError)]
+
+
+# ---------------------------------------------------------------- each picture kept once (issue 27.4)
+
+def test_a_url_taken_out_and_pasted_back_is_fetched_afresh_but_its_picture_is_kept_once(local_server,
+                                                                                      allow_loopback_urls):
+    """Each paste fetches the URL again (what it serves may have changed since), and the same bytes are not kept
+    again: a page showing one picture no longer grows its spool with every edit of the box."""
+    local_server.routes["/red.png"] = Route(body=RED)
+    url = local_server.url("/red.png")
+    review = Review()
+    for _ in range(6):
+        review.take_urls([url])
+        read_with_same_prediction(review)
+        review.take_urls([])
+    review.take_urls([url])
+    read_with_same_prediction(review)
+    assert local_server.requests.count("/red.png") == 7
+    assert review.spool.size == len(RED) and [item.source for _, item in review.items()] == [url]
+    local_server.routes["/red.png"] = Route(body=BLUE)  # the URL serves another picture now: pasted again, shown
+    review.take_urls([])
+    review.take_urls([url])
+    read_with_same_prediction(review)
+    assert [item.content_hash for _, item in review.items()] == [hashlib.sha256(BLUE).hexdigest()]
+    assert review.spool.size == len(RED) + len(BLUE)
+
+
+def test_the_same_pictures_dropped_again_are_kept_once():
+    review = Review()
+    for round_ in range(4):  # a new upload each time, as the uploader gives files dropped again
+        review.take_upload(f"{round_}-red", "red.png", io.BytesIO(RED))
+        review.take_upload(f"{round_}-blue", "blue copy.jpg", io.BytesIO(BLUE))
+        review.take_upload(f"{round_}-zip", "both.zip", io.BytesIO(zip_of({"r.png": RED, "b.jpg": BLUE})))
+        read_with_same_prediction(review)
+    assert review.spool.size == len(RED) + len(BLUE)
+    assert [item.source for _, item in review.items()] == ["red.png", "blue copy.jpg"]
+    read = review.original_reader()
+    assert [read(prediction) for prediction in review.predictions()] == [RED, BLUE]
+
+
+def test_the_spool_limit_counts_the_distinct_pictures_a_page_keeps_not_what_it_was_sent(monkeypatch, local_server,
+                                                                                          allow_loopback_urls):
+    monkeypatch.setattr(review_module, "MAX_SPOOL_BYTES", len(RED) + len(BLUE))
+    local_server.routes["/red.png"] = Route(body=RED)
+    url = local_server.url("/red.png")
+    review = Review()
+    for index in range(10):
+        review.take_upload(f"red-{index}", "red.png", io.BytesIO(RED))
+        review.take_upload(f"blue-{index}", "blue.jpg", io.BytesIO(BLUE))
+        review.take_urls([url] if index % 2 else [])
+        read_with_same_prediction(review)
+    assert not review.errors()
+    review.take_upload("green", "green.png", io.BytesIO(GREEN))  # a third picture would pass the limit
+    [error] = review.errors()
+    assert error.startswith(f"'green.png' was left out: this page already holds {(len(RED) + len(BLUE)) / 2**30:.1f} "
+                            "GB of pictures (each once, until Clear all)")
+
+
+# ---------------------------------------------------------------- the spool: a full disk, what the page holds
+
+def test_an_input_the_disk_has_no_room_for_is_named_and_the_others_are_read(local_server, allow_loopback_urls,
+                                                                             spool_folder):
+    """TMPDIR's disk full: the upload or URL whose picture cannot be kept is named (the URL raised OSError out of
+    every run of the page; the upload got "an unforeseen error"), what it began to write leaves the disk, the other
+    inputs are read, and a failed URL is fetched again by Retry once there is room."""
+    local_server.routes["/blue.jpg"] = Route(body=BLUE)
+    local_server.routes["/green.png"] = Route(body=GREEN)
+    blue, green = local_server.url("/blue.jpg"), local_server.url("/green.png")
+    review = Review()
+    with pytest.MonkeyPatch.context() as full:
+        no_room_on_disk(full, of=lambda data: data == BLUE)
+        review.take_upload("1", "red.png", io.BytesIO(RED))
+        review.take_upload("2", "blue.jpg", io.BytesIO(BLUE))
+        for _ in range(2):  # each run of the page takes the box again
+            review.take_urls([blue, green])
+    no_room = "was left out: the server could not keep it on disk (No space left on device). Try again in a while."
+    assert review.errors() == [f"'blue.jpg' {no_room}", f"'{blue}' {no_room}"]
+    assert [pending.source for pending in review.pending] == ["red.png", green]
+    assert files_held_open("self", spool_folder) == [len(RED) + len(GREEN)]
+    read_with_same_prediction(review)
+    review.forget(review.failed_urls())  # Retry failed URLs
+    review.take_urls([blue, green])
+    read_with_same_prediction(review)
+    read = review.original_reader()
+    assert [read(prediction) for prediction in review.predictions()] == [RED, BLUE, GREEN]
+
+
+def test_what_the_page_no_longer_shows_neither_counts_toward_its_limit_nor_stays_on_disk(monkeypatch, local_server,
+                                                                                         allow_loopback_urls,
+                                                                                         spool_folder):
+    """The page counts the pictures it shows or has queued, not what it was sent: a file that is no picture (10 GB
+    of junk named .jpg blocked a page showing nothing) and a URL taken out of the box leave the count at once, and
+    the disk once the spool's file would pass the limit: the pictures shown or queued then move to a new one, and
+    each is read back byte for byte, sent again or saved."""
+    yellow = image_bytes("GIF", size=(40, 30), color=(230, 220, 20))
+    junk = random.Random(0).randbytes(len(GREEN) + len(yellow) // 2)
+    local_server.routes["/blue.jpg"] = Route(body=BLUE)
+    url = local_server.url("/blue.jpg")
+    monkeypatch.setattr(review_module, "MAX_SPOOL_BYTES", len(junk) + len(BLUE) + len(RED))  # the first three
+    review = Review()
+    review.take_upload("junk", "junk.jpg", io.BytesIO(junk))  # first in the file: every picture after it moves
+    review.take_urls([url])
+    review.take_upload("red", "red.png", io.BytesIO(RED))
+    review.take_upload("yellow-1", "yellow.gif", io.BytesIO(yellow))  # past the limit while the junk is queued
+    read_with_same_prediction(review)
+    review.take_upload("green", "green.png", io.BytesIO(GREEN))  # fits once the junk is read: still queued
+    review.take_urls([])
+    review.take_upload("yellow-2", "yellow.gif", io.BytesIO(yellow))  # fits once the URL has left
+    [left_out] = [error for error in review.errors() if "was left out" in error]
+    assert left_out.startswith("'yellow.gif' was left out: this page already holds")
+    assert files_held_open("self", spool_folder) == [len(RED) + len(GREEN) + len(yellow)]
+    review.take_upload("red-again", "red copy.png", io.BytesIO(RED))
+    read_with_same_prediction(review)
+    assert [item.source for _, item in review.items()] == ["red.png", "green.png", "yellow.gif"]
+    assert review.duplicates() == [("red copy.png", "red.png")]
+    read = review.original_reader()
+    assert [read(prediction) for prediction in review.predictions()] == [RED, GREEN, yellow]
+
+
+def test_a_save_or_read_under_way_keeps_the_spool_it_reads(monkeypatch, spool_folder):
+    """The pictures move to a new spool only while no Save or read uses the page (Review.in_use): one under way
+    reads every original byte for byte, and the file may pass the limit until the first input after it."""
+    junk = bytes(len(GREEN) + 1)  # no picture
+    monkeypatch.setattr(review_module, "MAX_SPOOL_BYTES", len(RED) + len(BLUE) + len(GREEN))
+    review = Review()
+    review.take_upload("junk", "junk.jpg", io.BytesIO(junk))
+    review.take_upload("red", "red.png", io.BytesIO(RED))
+    read_with_same_prediction(review)
+    with review.in_use():
+        read = review.original_reader()
+        review.take_upload("blue", "blue.jpg", io.BytesIO(BLUE))
+        assert [read(prediction) for prediction in review.predictions()] == [RED]
+    assert files_held_open("self", spool_folder) == [len(junk) + len(RED) + len(BLUE)]
+    review.take_upload("green", "green.png", io.BytesIO(GREEN))
+    assert files_held_open("self", spool_folder) == [len(RED) + len(BLUE) + len(GREEN)]
+    read_with_same_prediction(review)
+    read = review.original_reader()
+    assert [read(prediction) for prediction in review.predictions()] == [RED, BLUE, GREEN]
+    assert not [error for error in review.errors() if "was left out" in error]

@@ -3,15 +3,23 @@ exception page; and while the admin password cannot be known, nothing can be del
 
 from __future__ import annotations
 
+import json
+import unicodedata
+
+import hypothesis
 import pytest
+from hypothesis import strategies
 from streamlit.testing.v1 import AppTest
 
 import db
 import settings
+import signin
 from conftest import shown, use_store
 from db import SettingsError, Store, StoreError
 from test_app import RED, click, rows, start_app, start_history, upload
 from test_archive import good_members, make_zip, manifest_for, run_cli
+from test_db import prediction
+from test_team import ALICE, BOB, signed_in
 
 PASSWORD = "team-s3cret"
 GOOD_SECRETS = f'CIFAR10_ADMIN_PASSWORD = "{PASSWORD}"\n'
@@ -269,3 +277,140 @@ def test_a_url_with_credentials_where_they_cannot_be_read_repeats_none_of_them(t
     message = str(caught.value)
     assert setting in message and advice in message
     assert not any(part in message for part in ("alice", "abc", "TopSecret"))
+
+
+# ---------------------------------------------------------------- the admins, however they are written
+
+ADMIN_LISTS = {
+    "commas": " alice@example.com , Bob@Example.com",
+    "semicolons": "alice@example.com;bob@example.com;",
+    "spaces": "alice@example.com  bob@example.com",
+    "new lines": "alice@example.com\r\nbob@example.com\n",
+    "a TOML list": '["alice@example.com", "bob@example.com"]',
+    "a TOML list in single quotes": "['alice@example.com','bob@example.com']",
+    # Invisible or decorating characters around an address, where a person sees only the address (issue 27, review).
+    "a byte-order mark (a .env saved by Notepad)": "\ufeffalice@example.com,bob@example.com",
+    "zero-width characters (pasted from a chat)": "\u200balice@example.com\u200b, \u2060bob@example.com\u200d",
+    "no-break spaces": "alice@example.com,\u00a0bob@example.com\u00a0",
+    "backticks (pasted from Markdown)": "`alice@example.com`, `bob@example.com`",
+}
+
+
+@pytest.fixture
+def no_admins(secrets_file, monkeypatch):
+    """No CIFAR10_ADMINS in the environment, and the one secrets file the app reads, empty."""
+    monkeypatch.delenv("CIFAR10_ADMINS", raising=False)
+    return secrets_file
+
+
+@pytest.mark.parametrize("value", ADMIN_LISTS.values(), ids=ADMIN_LISTS)
+def test_admins_separated_the_common_ways_are_all_admins(no_admins, monkeypatch, value):
+    """Issue 27.5: admins separated by anything but commas made nobody an admin, without a word."""
+    monkeypatch.setenv("CIFAR10_ADMINS", value)
+    assert settings.configured_admins() == {ALICE, BOB}
+    monkeypatch.delenv("CIFAR10_ADMINS")
+    no_admins.write_text(f"CIFAR10_ADMINS = {json.dumps(value)}\n")  # the same text in the secrets file
+    assert settings.configured_admins() == {ALICE, BOB}
+    no_admins.write_text('CIFAR10_ADMINS = ["alice@example.com; bob@example.com"]\n')  # a TOML list of such texts
+    assert settings.configured_admins() == {ALICE, BOB}
+
+
+ADDRESSES = strategies.from_regex(r"[A-Za-z0-9äÜ._%+-]{1,12}@[A-Za-z0-9äÜ]([A-Za-z0-9äÜ-]{0,10}[A-Za-z0-9äÜ])?"
+                                  r"(\.[A-Za-z]{2,6}){0,2}", fullmatch=True)
+# What may be around an address that a person does not see, or sees as decoration: a byte-order mark, a zero-width
+# space, backticks.
+AROUND = strategies.text("\ufeff\u200b`", max_size=2)
+
+
+@hypothesis.settings(max_examples=200, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(strategies.lists(ADDRESSES, min_size=1, max_size=5), strategies.data())
+def test_admins_separated_by_any_mix_of_separators_are_exactly_those_named(no_admins, addresses, data):
+    text = "".join(data.draw(AROUND) + address + data.draw(AROUND)
+                   + data.draw(strategies.text(",; \t\r\n", min_size=1, max_size=4)) for address in addresses)
+    if data.draw(strategies.booleans()):  # pasted as a TOML list
+        text = "[" + ", ".join(json.dumps(address, ensure_ascii=False) for address in addresses) + "]"
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("CIFAR10_ADMINS", text)
+        assert settings.configured_admins() == {address.lower() for address in addresses}
+
+
+@hypothesis.settings(max_examples=300, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(*[strategies.text(strategies.characters(exclude_categories=["Cs"], exclude_characters="\0"),
+                                     max_size=6)] * 3)  # all an environment variable can hold
+def test_an_admin_accepted_is_one_an_address_can_match_and_a_refusal_is_short(no_admins, before, inside, after):
+    """Whatever is written around or inside an address, each admin accepted is one that a provider's address
+    matches as it arrives (signin.email_of), with nothing invisible in it; anything else is a short SettingsError,
+    never an entry that silently makes nobody an admin."""
+    with pytest.MonkeyPatch.context() as environment:
+        environment.setenv("CIFAR10_ADMINS", f"{before}alice{inside}@example.com{after}, bob@example.com")
+        try:
+            admins = settings.configured_admins()
+        except SettingsError as error:
+            assert len(str(error)) < 600
+            return
+    for admin in admins:
+        assert signin.email_of({"is_logged_in": True, "email": admin, "email_verified": True}) == admin
+        assert admin.isprintable() and not any(unicodedata.category(character) == "Cf" for character in admin)
+        domain = admin.rpartition("@")[2]
+        assert all(label and label[0] != "-" and label[-1] != "-" for label in domain.split(".")), admin
+
+
+@pytest.mark.parametrize("value, named", [
+    ("alice@example.com, bob", "'bob', which is not"),
+    ("Alice Smith <alice@example.com>", "'Alice', 'Smith', '<alice@example.com>', which are not"),
+    ("alice@example.com; mailto:bob@example.com", "'mailto:bob@example.com'"),
+    ("alice@example.com,@example.com", "'@example.com'"),
+    ("alice@example.com bob@example.com@", "'bob@example.com@'"),
+    # Each of these once matched nobody's address, silently (issue 27, review).
+    ("alice@example.com, bob@example.com.", "'bob@example.com.'"),
+    ("Admins: alice@example.com and bob@example.com.", "'Admins:', 'and', 'bob@example.com.', which are not"),
+    ("alice@example.com,bob@example..com", "'bob@example..com'"),
+    ("alice@example.com,bob@-example.com", "'bob@-example.com'"),
+    ("alice@example.com,bob@example.com!", "'bob@example.com!'"),
+    ("alice@example.com,bob\u200b@example.com", "'bob\\u200b@example.com'"),  # shown, not invisible
+    ("alice@example.com,bob@exa\x01mple.com", "'bob@exa\\x01mple.com'"),
+], ids=["a name", "a name and address", "a mailto link", "no name", "two @", "a full stop after the domain",
+        "a sentence", "an empty domain label", "a domain label starting with a hyphen", "punctuation after the domain",
+        "an invisible character inside", "a control character inside"])
+def test_an_admin_that_is_not_an_e_mail_address_is_named_and_nobody_is_an_admin(no_admins, monkeypatch, value, named):
+    monkeypatch.setenv("CIFAR10_ADMINS", value)
+    with pytest.raises(SettingsError) as caught:
+        settings.configured_admins()
+    assert f"CIFAR10_ADMINS in the environment names {named}" in str(caught.value)
+    alice = settings.Person(sign_in=True, email=ALICE, verified=True)
+    assert named in settings.refusal(alice, settings.CLEAR)  # refused, saying why
+    monkeypatch.delenv("CIFAR10_ADMINS")
+    no_admins.write_text(f"CIFAR10_ADMINS = {json.dumps(value.split(','))}\n")
+    with pytest.raises(SettingsError) as caught:
+        settings.configured_admins()
+    assert f"CIFAR10_ADMINS in the secrets file {no_admins} names {named}" in str(caught.value)
+
+
+def test_a_long_wrong_setting_quotes_a_few_short_entries_and_counts_the_rest(no_admins, monkeypatch):
+    """A wrong CIFAR10_ADMINS is shown to every signed-in person, beside the buttons: 2,000 wrong entries once made
+    a 108 KB message quoting each of them."""
+    wrong = ",".join(f"not-{n:04}" + "x" * 200 for n in range(2000))
+    monkeypatch.setenv("CIFAR10_ADMINS", f"alice@example.com,{wrong}")
+    with pytest.raises(SettingsError) as caught:
+        settings.configured_admins()
+    message = str(caught.value)
+    assert "names 'not-0000xxx" in message and "'not-0002xxx" in message and "not-0003" not in message
+    assert "and 1997 more, which are not e-mail addresses" in message and len(message) < 600, message
+    monkeypatch.setenv("CIFAR10_ADMINS", "alice@example.com " + "y" * 100_000)  # one very long entry
+    with pytest.raises(SettingsError) as caught:
+        settings.configured_admins()
+    assert "names 'yyy" in str(caught.value) and "which is not an e-mail address" in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
+def test_the_pages_name_an_admin_that_is_not_an_e_mail_address(store_env, monkeypatch):
+    Store.from_env().save_predictions([prediction("a")], by=ALICE)
+    monkeypatch.setenv("CIFAR10_ADMINS", "alice@example.com; bob")
+    alice = signed_in(ALICE)
+    [clear] = [button for button in alice.sidebar.button if button.label == "Clear database"]
+    assert clear.disabled and any("names 'bob'" in shown(caption.value) for caption in alice.sidebar.caption)
+    assert "admin (CIFAR10_ADMINS)" not in shown(" ".join(caption.value for caption in alice.sidebar.caption))
+    history = signed_in(ALICE, "pages/1_History.py")
+    assert any("CIFAR10_ADMINS in the environment names 'bob'" in shown(caption.value) for caption in history.caption)

@@ -11,10 +11,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import settings
+import signin
 from conftest import ROOT, export, run_coroutine, shown
 from db import SettingsError
 from test_app import BLUE, GREEN, RED, click, label_box, reader, sidebar_metrics, upload  # noqa: F401 (a fixture)
-from test_db import sqlite_file_at_version
+from test_db import prediction, sqlite_file_at_version
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 # What `.streamlit/secrets.toml` holds for sign-in; nothing here is ever contacted (AppTest does not sign in).
@@ -56,10 +57,12 @@ def test_a_signed_out_browser_sees_only_the_sign_in_button(store_env):
         assert not any(app.sidebar.get(kind) for kind in ("header", "metric", "button", "image", "caption"))
         assert not app.get("file_uploader") and not app.get("text_area") and not app.get("link_button")
         assert len(page_words(app)) <= 2, page_words(app)  # the title and one line of what this is
-    # Signed in without an e-mail the provider vouches for: told so, with only the way out.
-    app = open_page({"is_logged_in": True, "email": ALICE, "email_verified": False})
-    assert [button.label for button in app.button] == ["Sign out"] and "e-mail" in app.error[0].value
-    assert not app.get("file_uploader")
+    # Signed in without an e-mail the provider vouches for: told so, with only the way out. A "no" sent another
+    # way is a no too, never the no-claim case (which signs in).
+    for unverified in (False, "0"):
+        app = open_page({"is_logged_in": True, "email": ALICE, "email_verified": unverified})
+        assert [button.label for button in app.button] == ["Sign out"] and "e-mail" in app.error[0].value
+        assert not app.get("file_uploader")
 
 
 def test_who_saved_and_who_relabelled_is_kept_shown_filtered_and_counted(backend, reader, alice_is_the_admin):
@@ -69,6 +72,10 @@ def test_who_saved_and_who_relabelled_is_kept_shown_filtered_and_counted(backend
     upload(alice, [("red.png", RED, "image/png"), ("blue.jpg", BLUE, "image/jpeg")])
     alice_red = label_box(alice, "red.png").value
     click(alice, "Save 2 images")
+    long_ago = "2020-01-02T03:04:05+00:00"  # Alice's red, as if saved long before Bob corrects it
+    with reader.database.transaction(write=True) as cursor:
+        cursor.execute("UPDATE predictions SET created_at = ?, labelled_at = ? WHERE source = 'red.png'",
+                       (long_ago, long_ago))
 
     bob = signed_in(BOB)
     upload(bob, [("green.png", GREEN, "image/png"), ("red.png", RED, "image/png")])
@@ -81,7 +88,9 @@ def test_who_saved_and_who_relabelled_is_kept_shown_filtered_and_counted(backend
     assert {source: (r.saved_by, r.labelled_by) for source, r in records.items()} == {
         "red.png": (ALICE, BOB), "blue.jpg": (ALICE, ALICE), "green.png": (BOB, BOB)}
     assert records["blue.jpg"].labelled_at == records["blue.jpg"].created_at
-    assert records["red.png"].labelled_at >= records["red.png"].created_at
+    # Bob's correction is dated when he made it, after Alice saved blue; the record keeps when it was saved.
+    assert long_ago < records["blue.jpg"].created_at <= records["red.png"].labelled_at
+    assert records["red.png"].created_at == long_ago
     metrics = sidebar_metrics(bob)
     green_right = records["green.png"].is_correct
     assert metrics["Saved images"] == "3" and metrics["Saved by you"] == "1"
@@ -98,7 +107,7 @@ def test_who_saved_and_who_relabelled_is_kept_shown_filtered_and_counted(backend
 
     click(bob, "Undo last change")  # Bob's relabel, taken back: Alice's label and her name with it
     red = {record.source: record for record in reader.list_predictions()}["red.png"]
-    assert (red.final_label, red.labelled_by, red.labelled_at) == (alice_red, ALICE, records["blue.jpg"].labelled_at)
+    assert (red.final_label, red.labelled_by, red.labelled_at) == (alice_red, ALICE, long_ago)
 
 
 def test_only_admins_clear_the_database_or_delete_what_others_saved(store_env, alice_is_the_admin, monkeypatch):
@@ -151,7 +160,7 @@ def test_admins_are_named_in_the_environment_or_the_secrets_and_fail_closed(tmp_
     assert settings.configured_admins() == frozenset()
     secrets.write_text('CIFAR10_ADMINS = "  BOB@example.com,, "\n[auth]\nclient_id = "x"\n')
     assert settings.configured_admins() == {BOB}
-    bob, nobody = settings.Person(sign_in=True, email=BOB), settings.Person(sign_in=True)
+    bob, nobody = settings.Person(sign_in=True, email=BOB, verified=True), settings.Person(sign_in=True)
     assert settings.refusal(bob, settings.CLEAR) is None and "Sign in" in settings.refusal(nobody, settings.CLEAR)
     for broken in ('CIFAR10_ADMINS = bob@example.com\n', '[auth]\nCIFAR10_ADMINS = "bob@example.com"\n',
                    "CIFAR10_ADMINS = 1\n"):
@@ -160,6 +169,113 @@ def test_admins_are_named_in_the_environment_or_the_secrets_and_fail_closed(tmp_
             settings.configured_admins()
         assert str(secrets) in settings.refusal(bob, settings.CLEAR)  # refused, saying why
         assert settings.refusal(bob, settings.DELETE, owner=BOB) is None  # one's own needs no admin
+
+
+def test_a_provider_that_sends_no_email_verified_signs_people_in_but_names_no_admin(store_env, alice_is_the_admin):
+    """Issue 27.7: Microsoft Entra ID sends no email_verified claim. Its people sign in, save, relabel and delete
+    what they saved under the address it gives; being an admin by name needs an address the provider vouches for
+    (another tenant's admin can give an account anyone's address), and the page says why, and how to get there."""
+    from db import Store
+
+    store = Store.from_env()
+    store.save_predictions([prediction("bob's")], by=BOB)
+    entra = {"is_logged_in": True, "email": ALICE, "name": "Alice"}
+    alice = open_page(entra)
+    captions = shown(" ".join(caption.value for caption in alice.sidebar.caption))
+    assert f"Signed in as **{ALICE}**" in captions and "admin (CIFAR10_ADMINS)" not in captions
+    [clear] = [button for button in alice.sidebar.button if button.label == "Clear database"]
+    assert clear.disabled and "email_verified" in captions and "xms_edov" in captions
+    upload(alice, [("red.png", RED, "image/png")])
+    click(alice, "Save 1 image")
+    assert {record.source: record.saved_by for record in store.list_predictions()} == {"red.png": ALICE,
+                                                                                        "bob's.png": BOB}
+    history = open_page(entra, "pages/1_History.py")
+    owners = {record.saved_by: record.id for record in store.list_predictions()}
+    assert history.button(key=f"delete-{owners[BOB]}").disabled
+    history.button(key=f"delete-{owners[ALICE]}").click()
+    history.run()
+    assert history.success and store.count() == 1
+    entra_vouching = open_page(entra | {"xms_edov": True})  # Entra's optional claim: the tenant verified the domain
+    captions = shown(" ".join(caption.value for caption in entra_vouching.sidebar.caption))
+    assert "admin (CIFAR10_ADMINS)" in captions
+    store.close()
+
+
+@pytest.mark.parametrize("claims, email, verified", [
+    ({}, ALICE, False),
+    ({"email_verified": True}, ALICE, True),
+    ({"email_verified": "true"}, ALICE, True),  # some providers send their yes and no as texts
+    ({"email_verified": "False"}, "", False),
+    ({"email_verified": False, "xms_edov": True}, "", False),
+    ({"xms_edov": True}, ALICE, True),
+    ({"xms_edov": "true"}, ALICE, True),
+    ({"xms_edov": False}, ALICE, False),
+    ({"email_verified": " TRUE "}, ALICE, True),
+    # Sent, but not a recognisable yes: an unverified address, never "no claim" (issue 27, review). Only true and
+    # "true" are a yes; 1 and "yes" are a no too, as no provider is known to send them and a misread no must not
+    # sign anyone in.
+    ({"email_verified": 0}, "", False),
+    ({"email_verified": "0"}, "", False),
+    ({"email_verified": "no"}, "", False),
+    ({"email_verified": [False]}, "", False),
+    ({"email_verified": None}, "", False),
+    ({"email_verified": ""}, "", False),
+    ({"email_verified": "yes"}, "", False),
+    ({"email_verified": 1}, "", False),
+    ({"email_verified": "1"}, "", False),
+    ({"email_verified": [True]}, "", False),
+    ({"email_verified": 0, "xms_edov": True}, "", False),
+    ({"xms_edov": 1}, ALICE, False),
+    ({"xms_edov": "yes"}, ALICE, False),
+], ids=["no claim", "verified", "verified as text", "not verified as text", "not verified, domain verified",
+        "domain verified (Entra)", "domain verified as text", "domain not verified", "verified as text in capitals",
+        "0", "'0'", "'no'", "[False]", "null", "empty text", "'yes'", "1", "'1'", "[True]", "0, domain verified",
+        "domain verified as 1", "domain verified as 'yes'"])
+def test_who_is_signed_in_and_whether_the_provider_vouches_for_the_address(claims, email, verified):
+    user = {"is_logged_in": True, "email": " Alice@Example.com ", **claims}
+    assert (signin.email_of(user), signin.address_verified(user)) == (email, verified)
+
+
+@pytest.mark.parametrize("configured, sent", [
+    ("Zoë@Bu\u0308cher.example", "zo\u00eb@b\u00fccher.example"),  # decomposed and capitals; composed
+    ("zo\u00eb@b\u00fccher.example", "ZOE\u0308@BU\u0308CHER.EXAMPLE"),
+    ("\u00c5sa@example.com", "A\u030asa@Example.COM"),
+], ids=["configured decomposed", "sent decomposed", "a capital with a ring"])
+def test_an_admin_written_in_another_unicode_form_or_case_is_the_same_person(monkeypatch, configured, sent):
+    """An address typed on one keyboard and sent by a provider in another Unicode form (NFC and NFD look the same)
+    or case names the same admin: both sides are compared in NFC, lowercased."""
+    monkeypatch.setenv("CIFAR10_ADMINS", f"{configured}, {BOB}")
+    user = {"is_logged_in": True, "email": sent, "email_verified": True}
+    person = settings.Person(sign_in=True, email=signin.email_of(user), verified=signin.address_verified(user))
+    assert settings.refusal(person, settings.CLEAR) is None
+    assert person.email in settings.configured_admins()
+
+
+def test_history_filtered_to_someone_whose_last_record_was_deleted_says_so(store_env):
+    """Issue 27.7: the filter lost the person with their last record, and History showed everyone's, silently."""
+    from db import Store
+
+    store = Store.from_env()
+    store.save_predictions([prediction("alice's")], by=ALICE)
+    store.save_predictions([prediction("bob's")], by=BOB)
+    history = signed_in(BOB, "pages/1_History.py")
+    [people] = [box for box in history.multiselect if box.label == "Saved or labelled by"]
+    people.set_value([BOB])
+    history.run()
+    assert "1 of 2 saved images match" in " ".join(caption.value for caption in history.caption)
+    [bobs] = [record.id for record in store.list_predictions() if record.saved_by == BOB]
+    history.button(key=f"delete-{bobs}").click()
+    history.run()
+    [people] = [box for box in history.multiselect if box.label == "Saved or labelled by"]
+    assert people.value == [BOB]
+    assert "0 of 1 saved images match" in " ".join(caption.value for caption in history.caption)
+    assert any(BOB in shown(info.value) and "any more" in info.value for info in history.info)
+    [undo] = [button for button in history.button if button.label.startswith("Undo")]
+    undo.click()
+    history.run()
+    assert "1 of 2 saved images match" in " ".join(caption.value for caption in history.caption)
+    assert not any(BOB in shown(info.value) for info in history.info)
+    store.close()
 
 
 def test_records_saved_before_have_no_one_named(tmp_path):
