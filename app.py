@@ -502,16 +502,22 @@ def clear_database() -> None:
 # ---------------------------------------------------------------- the main page: the inputs
 
 def input_sources() -> tuple[list, list[str]]:
-    """The uploader and the URL box: the uploads not read yet, and the URLs (each once, in order)."""
+    """The uploader and the URL box: the uploads not read yet, and the URLs (each once, in order). Once the page
+    holds pictures they fold into one line that opens with a click, and the review has the screen. Folded or not they
+    are the same expander (its new label folds it), so a URL half typed in the box stays there."""
     state = st.session_state
-    uploads = st.file_uploader(
-        "Upload images", type=[*ALLOWED_EXTENSIONS, *ZIP_EXTENSIONS], accept_multiple_files=True,
-        key=f"uploader-{state.nonce}-{state.upload_round}",
-        help=f"JPEG, PNG, GIF or WebP, up to {MAX_FILE_BYTES // 2**20} MB each, as many as you like, or ZIPs of them "
-             f"up to {MAX_ZIP_BYTES // 2**20:,} MB (folders are read through). Once read they stay on the page until "
-             "**Clear all**.")
-    url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
-                            placeholder="https://example.com/cat.jpg", help="Press Ctrl+Enter or click outside to fetch.")
+    state.inputs_folded = bool(state.review.items())
+    with st.expander("Add more images" if state.inputs_folded else "Add images", expanded=not state.inputs_folded,
+                     icon=":material/add_photo_alternate:"):
+        uploads = st.file_uploader(
+            "Upload images", type=[*ALLOWED_EXTENSIONS, *ZIP_EXTENSIONS], accept_multiple_files=True,
+            key=f"uploader-{state.nonce}-{state.upload_round}",
+            help=f"JPEG, PNG, GIF or WebP, up to {MAX_FILE_BYTES // 2**20} MB each, as many as you like, or ZIPs of "
+                 f"them up to {MAX_ZIP_BYTES // 2**20:,} MB (folders are read through). Once read they stay on the "
+                 "page until **Clear all**.")
+        url_text = st.text_area("...or paste image URLs, one per line", key=f"urls-{state.nonce}",
+                                placeholder="https://example.com/cat.jpg",
+                                help="Press Ctrl+Enter or click outside to fetch.")
     st.html(TEXT_BOXES_KEEP_CTRL_ENTER, unsafe_allow_javascript=True)
     # A selection dropped while the page read the ones before went to an uploader a run retired (the browser still
     # showed it; three drops in a row can reach one two rounds old): Streamlit hands over their values too, until this
@@ -602,6 +608,8 @@ def review_section(model_version: str) -> None:
     if state.pop("rerun_page", False):  # set by a callback of this fragment's own run
         st.rerun(scope="app")
     items = state.review.items()
+    if items and not state.get("inputs_folded", True):  # the first pictures, from URLs this run fetched
+        st.rerun(scope="app")  # draws the inputs again, folded
     view = state.review_view
     if items:
         st.subheader(f"{plural(len(items), 'image')} classified")
@@ -663,6 +671,40 @@ def turn_page(step: int) -> None:
     st.session_state.review.page += step
 
 
+# The one-at-a-time view on one screen, a laptop's (1366x768, or the 1366x600 its browser leaves) or a phone's
+# (390x844): the picture's box no taller than what its line, the prediction, the ten classes and Save leave of the
+# screen, and the same for every picture (nothing moves from key to key); the ten classes a grid of two columns,
+# which Streamlit's columns would stack into one on a phone.
+ONE_AT_A_TIME_FITS = """<style>
+.st-key-one-review { scroll-margin-top: 4.25rem; }
+.st-key-one-picture p { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.st-key-one-picture img { height: min(%dpx, calc(100vh - 17rem)); object-fit: contain; object-position: left top; }
+div.st-key-one-classes { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 0.5rem; }
+[data-testid="stLayoutWrapper"]:has(> .st-key-keep-review-in-view) { display: none; }
+@media (max-width: 640px) {
+  .st-key-one-picture img { height: 26vh; }
+  .st-key-one-review [data-testid="stVerticalBlock"], .st-key-one-review [data-testid="stHorizontalBlock"] {
+    gap: 0.5rem;
+  }
+}
+</style>""" % PICTURE_WIDTH
+# Brings the review into view, from its top to Save, when it is not: the view just chosen, or a key pressed with the
+# page scrolled away. Not while a text box has the cursor (someone typing URLs). Runs once per picture shown: the
+# comment names it.
+KEEP_REVIEW_IN_VIEW = """<script>
+/* picture %d of %d */
+requestAnimationFrame(() => {
+  const review = document.querySelector(".st-key-one-review");
+  const actions = document.querySelector(".st-key-review-actions");
+  if (!review || !actions || document.activeElement?.closest("textarea, input")) return;
+  const header = document.querySelector('[data-testid="stHeader"]')?.getBoundingClientRect().bottom ?? 0;
+  if (review.getBoundingClientRect().top < header || actions.getBoundingClientRect().bottom > window.innerHeight) {
+    review.scrollIntoView({block: "start", behavior: "instant"});
+  }
+});
+</script>"""
+
+
 def review_one(items: list[Item], threshold: float) -> None:
     """One picture large, with what the model said and its place; beside it the ten classes and the moves, each
     with its key. The picture is drawn last: by the time it shows, its keys are on the page."""
@@ -671,45 +713,48 @@ def review_one(items: list[Item], threshold: float) -> None:
     index = review.position(keys)
     done = index == len(items)
     shown, item = items[index] if not done else (None, None)
-    picture_column, keys_column = st.columns([3, 2], gap="medium")
-    with keys_column:
-        current = None
-        if not done:
-            prediction = item.prediction
-            current = review.final_label(item)
-            with st.container(key="one-prediction"):
-                st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
-                st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
-            chosen = review.chosen(item)
-            st.markdown(f"Label: **{prediction.label}**, the prediction (`Enter` confirms it)" if chosen is None else
-                        f"Label: **{SKIP}**, left out of the save" if chosen == SKIP else
-                        f"Label: **{chosen}**, confirmed" if chosen == prediction.label else
-                        f"Label: **{chosen}**, corrected from {prediction.label}")
-            record = saved_before([(shown, item)]).get(item.content_hash)
-            if record is not None:
-                st.caption(already_saved(record))
-        for start in range(0, len(CLASSES), 2):
-            for column, label in zip(st.columns(2), CLASSES[start:start + 2]):
-                with column:
+    st.html(ONE_AT_A_TIME_FITS)
+    with st.container(key="one-review"):
+        picture_column, keys_column = st.columns([3, 2], gap="medium")
+        with keys_column:
+            current = None
+            if not done:
+                prediction = item.prediction
+                current = review.final_label(item)
+                with st.container(key="one-prediction"):
+                    st.markdown(f"**{prediction.label}** {prediction.confidence:.1%}{badge(prediction, threshold)}")
+                    st.caption(" · ".join(f"{label} {probability:.1%}" for label, probability in prediction.top_k))
+                chosen = review.chosen(item)
+                st.markdown(f"Label: **{prediction.label}**, the prediction (`Enter` confirms it)"
+                            if chosen is None else
+                            f"Label: **{SKIP}**, left out of the save" if chosen == SKIP else
+                            f"Label: **{chosen}**, confirmed" if chosen == prediction.label else
+                            f"Label: **{chosen}**, corrected from {prediction.label}")
+                record = saved_before([(shown, item)]).get(item.content_hash)
+                if record is not None:
+                    st.caption(already_saved(record))
+            with st.container(key="one-classes"):
+                for label in CLASSES:
                     st.button(label, key=f"key-{label}-{shown}", shortcut=CLASS_KEYS[label], on_click=press,
                               args=(label, shown), disabled=done, type="primary" if label == current else "secondary",
                               width="stretch")
-        with st.container(horizontal=True):
-            st.button("Confirm", key=f"key-confirm-{shown}", shortcut="Enter", on_click=press, args=(CONFIRM, shown),
-                      disabled=done, help="The prediction is right.")
-            st.button("Skip", key=f"key-skip-{shown}", shortcut="X", on_click=press, args=(SKIP, shown), disabled=done)
-            st.button("Back", key=f"key-back-{shown}", shortcut="Backspace", on_click=press, args=(BACK, shown),
-                      disabled=index == 0)
-    with picture_column:
-        if not done:
-            with st.container(key="one-picture"):
-                st.markdown(f"**{index + 1} of {len(items)}** · {escape_markdown(item.source)}")
-                st.image(item.picture, width=PICTURE_WIDTH)
-        else:
-            st.success(f"All {plural(len(items), 'picture')} reviewed. `Ctrl+Enter` saves them; `Backspace` goes "
-                       "back.", icon=":material/done_all:")
-    with st.expander("Keyboard", icon=":material/keyboard:"):
-        st.markdown(keyboard_help())
+            with st.container(horizontal=True):
+                st.button("Confirm", key=f"key-confirm-{shown}", shortcut="Enter", on_click=press,
+                          args=(CONFIRM, shown), disabled=done, help="The prediction is right.")
+                st.button("Skip", key=f"key-skip-{shown}", shortcut="X", on_click=press, args=(SKIP, shown),
+                          disabled=done)
+                st.button("Back", key=f"key-back-{shown}", shortcut="Backspace", on_click=press, args=(BACK, shown),
+                          disabled=index == 0)
+        with picture_column:
+            if not done:
+                with st.container(key="one-picture"):
+                    st.markdown(f"**{index + 1} of {len(items)}** · {escape_markdown(item.source)}")
+                    st.image(item.picture, width=PICTURE_WIDTH)
+            else:
+                st.success(f"All {plural(len(items), 'picture')} reviewed. `Ctrl+Enter` saves them; `Backspace` goes "
+                           "back.", icon=":material/done_all:")
+    with st.container(key="keep-review-in-view"):  # takes no room on the page
+        st.html(KEEP_REVIEW_IN_VIEW % (index, len(items)), unsafe_allow_javascript=True)
 
 
 def press(action: str, shown: str | None) -> None:
@@ -802,7 +847,7 @@ def actions(model_version: str, keyboard: bool) -> None:
     """Save, undo and clear; in the one-at-a-time view Ctrl+Enter saves."""
     state = st.session_state
     saving = len(state.review.to_save())
-    with st.container(horizontal=True):
+    with st.container(horizontal=True, key="review-actions"):
         st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving, on_click=save_all,
                   args=(model_version,), shortcut="Ctrl+Enter" if keyboard else None)
         if state.undo is not None:

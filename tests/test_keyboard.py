@@ -114,8 +114,11 @@ def test_fifty_photos_reviewed_by_keyboard_only_and_saved_with_ctrl_enter(
                 assert (f"{following} of 50" if following else "pictures reviewed").encode() in sent
                 assert b"Saved feedback" not in sent and b"Upload images" not in sent
 
-        # In the URL box Ctrl+Enter is the box's own: it fetches the URLs, and saves nothing.
+        # In the URL box Ctrl+Enter is the box's own: it fetches the URLs, and saves nothing. (While there are
+        # pictures the inputs are folded: a click opens them.)
+        page.get_by_text("Add more images").click()
         box = page.locator('[data-testid="stTextArea"] textarea')
+        box.wait_for(state="visible", timeout=10_000)
         box.focus()
         page.keyboard.type(picture_url)
         with app_run(page):
