@@ -35,7 +35,7 @@ from streamlit.runtime.uploaded_file_manager import UploadedFile, UploadedFileRe
 import charts
 import signin
 from classes import CLASSES
-from classifier import Classifier, Prediction, WeightsError, load_classifier
+from classifier import Classifier, Prediction, WeightsError, load_classifier, load_version
 from db import (CLEAR, Person, SettingsError, Store, StoreError, Summary, configured_admin_password, iter_csv, iter_zip,
                 open_store, refusal)
 from display import CARD_SIZE, CLASS_KEYS, code_span, data_url, escape_markdown, keyboard_help
@@ -44,6 +44,7 @@ from records import SaveResult
 from review import (BACK, CONFIRM, LABEL_CHOICES, LOW_CONFIDENCE_FLAG, MAX_SPOOL_BYTES, SKIP, UNKNOWN_FLAG, Item, Review,
                     SessionReviews, flag, page_count)
 from spools import NotWaiting, UploadInbox
+from versions import ActiveModel
 
 COLUMNS = 4
 ONE_AT_A_TIME = "One at a time"
@@ -295,8 +296,25 @@ app = st.App(__file__, routes=[Route("/export/{name}", export_download),
 # ---------------------------------------------------------------- the main page
 
 @st.cache_resource(show_spinner="Loading the model...")
-def get_classifier() -> Classifier:
+def served_model() -> ActiveModel:
+    """Once per server: the version the store has active, followed within 10 s of a switch on any server."""
+    return ActiveModel(load_version)
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def shipped_classifier() -> Classifier:
     return load_classifier()
+
+
+def get_classifier() -> tuple[Classifier, str]:
+    """The model this server serves: the store's active version, or the one before while that cannot be served, or
+    the shipped weights while the store has none this server can serve; and why it is not the active version
+    (else "")."""
+    served = served_model()
+    try:
+        return served.get(open_store())[1], served.problem
+    except StoreError as error:
+        return shipped_classifier(), f"{error} This server classifies with the shipped weights meanwhile."
 
 
 @st.cache_resource
@@ -335,7 +353,7 @@ def classify_page() -> None:
     with st.sidebar:
         saved_feedback_sidebar(person)
     try:
-        classifier = get_classifier()
+        classifier, problem = get_classifier()
     except WeightsError as error:
         st.error(escape_markdown(str(error)), icon=":material/error:")
         st.stop()
@@ -346,6 +364,9 @@ def classify_page() -> None:
     accuracy_note = f", {classifier.test_accuracy:.1%} on the CIFAR-10 test set" if classifier.test_accuracy else ""
     st.caption(f"Classifies photos as one of: {', '.join(CLASSES)}. "
                f"Model {code_span(classifier.version)}{accuracy_note}.")
+    if problem:  # the version the store has active cannot be served here
+        st.warning(f"The model in use is not the store's active version: {escape_markdown(problem)}",
+                   icon=":material/model_training:")
     uploads, urls = input_sources()
     # Progress and messages each in a place of their own: the review after them keeps its place from run to run, so
     # the browser replaces it instead of briefly showing an old copy beside the new one.
@@ -355,7 +376,7 @@ def classify_page() -> None:
     read_queue(classifier, status)
     with st.container():
         show_messages()
-    review_section(classifier.version)
+    review_section()
     if taken or state.review.pending:
         st.rerun()  # the next batch, and an empty uploader
 
@@ -576,7 +597,7 @@ def read_queue(classifier: Classifier, status) -> None:
     progress = status.progress(0.0, text=f"Reading {plural(review.queued, 'image')}...")
     with review.in_use(), ThreadPoolExecutor(DECODE_THREADS) as pool:
         while review.pending and time.monotonic() - started < RUN_SECONDS:
-            done, queued = review.classify_next(classifier.predict, pool)
+            done, queued = review.classify_next(classifier.predict, pool, classifier.version)
             progress.progress(done / queued, text=f"Read and classified {done:,} of {queued:,} images")
     if not review.pending:
         progress.empty()
@@ -601,7 +622,7 @@ def show_messages() -> None:
 # ---------------------------------------------------------------- the main page: the review
 
 @st.fragment
-def review_section(model_version: str) -> None:
+def review_section() -> None:
     """The classified images, their labels and the actions on them. A label change or a key reruns only this part;
     Save, Undo and Clear all then rerun the page once (the sidebar and the inputs change too)."""
     state = st.session_state
@@ -643,7 +664,11 @@ def review_section(model_version: str) -> None:
         else:
             shown = page_of(items)
             (review_table if view == "Table" else review_cards)(shown, threshold, saved_before(shown))
-    actions(model_version, keyboard=bool(items) and view == ONE_AT_A_TIME)
+    keyboard = bool(items) and view == ONE_AT_A_TIME
+    actions(keyboard)
+    if keyboard:  # under Save: the review's buttons and Save fit the screen together
+        with st.expander("Keyboard", icon=":material/keyboard:"):
+            st.markdown(keyboard_help())
     mark_unsaved_in_address()
 
 
@@ -843,26 +868,27 @@ def plural(count: int, noun: str) -> str:
 
 # ---------------------------------------------------------------- the main page: the review's actions
 
-def actions(model_version: str, keyboard: bool) -> None:
+def actions(keyboard: bool) -> None:
     """Save, undo and clear; in the one-at-a-time view Ctrl+Enter saves."""
     state = st.session_state
     saving = len(state.review.to_save())
     with st.container(horizontal=True, key="review-actions"):
         st.button(f"Save {plural(saving, 'image')}", type="primary", disabled=not saving, on_click=save_all,
-                  args=(model_version,), shortcut="Ctrl+Enter" if keyboard else None)
+                  shortcut="Ctrl+Enter" if keyboard else None)
         if state.undo is not None:
             st.button("Undo last change", on_click=undo_last,
                       help=f"Take back the {escape_markdown(state.undo.description)}.")
         st.button("Clear all", on_click=clear_all, help="Empty the page. Saved images stay in the database.")
 
 
-def save_all(model_version: str) -> None:
+def save_all() -> None:
     """Save every picture not marked skip in one transaction, its original read back from the spool as it is stored;
-    one undo takes back all of it. Should the store fail, nothing is saved and every label stays."""
+    one undo takes back all of it; each record names the model version that predicted it. Should the store fail,
+    nothing is saved and every label stays."""
     state = st.session_state
     state.rerun_page = True  # the sidebar shows what was saved
     review = state.review
-    predictions = review.predictions(model_version)
+    predictions = review.predictions()
     person = signin.current_person()
     if person.sign_in and not person.email:  # signed out in another tab since the page was drawn
         state.flash = ("error", "Nothing was saved: sign in first. Your labels are kept.")
@@ -937,4 +963,5 @@ if __name__ == "__main__":
         st.navigation([
             st.Page(classify_page, title="Classify", icon=":material/image_search:", default=True),
             st.Page("pages/1_History.py", title="History", icon=":material/history:"),
+            st.Page("pages/2_Model.py", title="Model", icon=":material/model_training:"),
         ]).run()

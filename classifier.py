@@ -8,6 +8,7 @@ Run as a script to classify files from the command line:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -22,12 +23,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from classes import CLASSES
+from settings import SHIPPED_WEIGHTS
 
 INPUT_SIZE = 32
 # Per-channel statistics of the CIFAR-10 training images.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "models" / "resnet18_cifar10.pt"
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS
 # Big enough for a fast forward pass, small enough to bound memory on huge batches.
 CHUNK_SIZE = 64
 
@@ -259,46 +261,98 @@ def novelty_path(weights: Path) -> Path:
 def load_weights(path: Path) -> Classifier:
     """The model alone, uncalibrated and without a novelty score; its version is the file's hash, so saved rows
     say which model spoke."""
-    return _load_weights_and_hash(path)[0]
-
-
-def _load_weights_and_hash(path: Path) -> tuple[Classifier, str]:
-    """load_weights, and the file's sha256, which the model card names: the 22 MB are hashed once."""
     hint = "Train a model with `python train.py` or restore the file from git."
     if not path.is_file():
         raise WeightsError(f"Model weights not found at {path}. {hint}")
+    data = path.read_bytes()
+    return Classifier(model_from_bytes(data, f"Model weights at {path}", hint),
+                      version=f"{path.stem}@{hashlib.sha256(data).hexdigest()[:12]}")
+
+
+def model_from_bytes(weights: bytes, what: str, hint: str) -> nn.Module:
+    """The ResNet-18 of a weights file's bytes; WeightsError names `what` could not be loaded, and `hint` what to do."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         model = build_model()
         model.load_state_dict({key: value.float() for key, value in state.items()})
     except Exception as error:
-        raise WeightsError(f"Model weights at {path} could not be loaded ({error}). {hint}") from error
-    digest = file_sha256(path)
-    return Classifier(model, version=f"{path.stem}@{digest[:12]}"), digest
+        raise WeightsError(f"{what} could not be loaded ({error}). {hint}") from error
+    return model
+
+
+def described_classifier(weights: bytes, card: dict, bank: bytes | None, version: str, names: tuple[str, str],
+                         hints: tuple[str, str]) -> Classifier:
+    """The model with the calibration, novelty threshold and bank its model card names; `names` say where the
+    weights and the card come from, `hints` what to do about unusable weights and an unusable card. Weights that
+    are not the ones the card describes are refused: the card's calibration and threshold were fitted on other
+    weights (a training run that died between writing the two, or a store's files mixed up)."""
+    weights_name, card_name = names
+    weights_hint, card_hint = hints
+    if card.get("weights_sha256") not in (None, hashlib.sha256(weights).hexdigest()):
+        raise WeightsError(f"{card_name} describes other weights than {weights_name}, so its calibration and "
+                           f"novelty threshold do not fit them. {card_hint}")
+    model = model_from_bytes(weights, f"Model weights at {weights_name}", weights_hint)
+    try:
+        calibration = Calibration(**card.get("calibration", {}).get("parameters", {}))
+        novelty = None
+        if "novelty" in card:
+            novelty = Novelty(torch.load(io.BytesIO(bank or b""), map_location="cpu", weights_only=True)["bank"],
+                              float(card["novelty"]["threshold"]))
+    except Exception as error:
+        raise WeightsError(f"{card_name} (or its novelty bank) is unusable ({error.__class__.__name__}: {error}). "
+                           f"{card_hint}") from error
+    return Classifier(model, version, test_accuracy=card.get("test_accuracy_tta"), calibration=calibration,
+                      novelty=novelty, low_confidence=card.get("low_confidence_threshold", 0.6))
 
 
 def load_classifier(weights_path: str | Path | None = None) -> Classifier:
     """Load the shipped weights (or another file) with the calibration, novelty threshold and bank that their
     model card names."""
     path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
-    raw, digest = _load_weights_and_hash(path)
+    weights_hint = "Train a model with `python train.py` or restore the file from git."
+    card_hint = (f"Describe the weights with `python evaluate.py --weights {path}`, or restore the weights, card and "
+                 "bank from git.")
+    if not path.is_file():
+        raise WeightsError(f"Model weights not found at {path}. {weights_hint}")
     card_path = path.with_suffix(".json")
+    weights = path.read_bytes()
     try:
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-        calibration = Calibration(**card.get("calibration", {}).get("parameters", {}))
-        novelty = None
-        if "novelty" in card:
-            bank = torch.load(novelty_path(path), map_location="cpu", weights_only=True)["bank"]
-            novelty = Novelty(bank, float(card["novelty"]["threshold"]))
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        bank = novelty_path(path).read_bytes() if "novelty" in card else None
+    except (OSError, ValueError) as error:
         raise WeightsError(f"The model card {card_path} (or its novelty bank) is unusable ({error.__class__.__name__}: "
-                           f"{error}). Restore both from git, or rebuild them with `python evaluate.py`.") from error
-    if card.get("weights_sha256") not in (None, digest):  # e.g. a run that died between the two
-        raise WeightsError(f"The model card {card_path} describes other weights than {path}, so its calibration and "
-                           f"novelty threshold do not fit them. Describe these with `python evaluate.py --weights "
-                           f"{path}`, or restore both files from git.")
-    return Classifier(raw.model, raw.version, test_accuracy=card.get("test_accuracy_tta"), calibration=calibration,
-                      novelty=novelty, low_confidence=card.get("low_confidence_threshold", 0.6))
+                           f"{error}). {card_hint}") from error
+    return described_classifier(weights, card, bank, f"{path.stem}@{hashlib.sha256(weights).hexdigest()[:12]}",
+                                (str(path), f"The model card {card_path}"), (weights_hint, card_hint))
+
+
+def load_version(store, version) -> Classifier:
+    """A version the store keeps (a versions.ModelVersion), named as the records it predicts name it."""
+    from versions import version_files
+
+    weights, card, bank = version_files(store, version)
+    where = f"model version {version.id} in {store.images.description}"
+    never = f"Version {version.id} is never served: make another one active on the Model page."
+    return described_classifier(weights, card, bank, version.name, (f"the weights of {where}", f"The card of {where}"),
+                                (never, never))
+
+
+def served_classifier() -> Classifier:
+    """The version the configured store has active (the same environment settings as the pages), as the command
+    line uses it; where the store cannot be reached, the shipped weights, said on stderr."""
+    from records import StoreError
+    from store import Store
+    from versions import active_version
+
+    try:
+        store = Store.from_env()
+    except StoreError as error:
+        print(f"the store cannot be reached ({error}): classifying with the shipped weights", file=sys.stderr)
+        return load_classifier()
+    try:
+        return load_version(store, active_version(store))
+    finally:
+        store.close()
 
 
 def main(paths: Sequence[str]) -> int:
@@ -307,7 +361,14 @@ def main(paths: Sequence[str]) -> int:
     if not paths:
         print("usage: python classifier.py PHOTO...", file=sys.stderr)
         return 2
-    classifier = load_classifier()
+    from records import StoreError
+
+    try:
+        classifier = served_classifier()
+    except (WeightsError, StoreError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"model {classifier.version}", flush=True)
     failures = 0
     for name in paths:
         try:

@@ -31,11 +31,11 @@ from typing import Sequence
 from archives import ArchiveError, import_archive, iter_csv, iter_zip
 from records import (Change, ExportTally, NewPrediction, RecordFilter, SavedPrediction, SettingsError, StoreError,
                      Summary)
-from settings import (ADMIN_PASSWORD_ENV, CLEAR, DELETE, Person, admin_password_ok, admin_refusal,
+from settings import (ADMIN_PASSWORD_ENV, CLEAR, DELETE, IMPROVE, Person, admin_password_ok, admin_refusal,
                       configured_admin_password, configured_admins, refusal)
 from store import Store, open_store
 
-__all__ = ["ArchiveError", "CLEAR", "Change", "DELETE", "NewPrediction", "Person", "RecordFilter",
+__all__ = ["ArchiveError", "CLEAR", "Change", "DELETE", "IMPROVE", "NewPrediction", "Person", "RecordFilter",
            "SavedPrediction", "SettingsError", "Store", "StoreError", "Summary", "admin_password_ok", "admin_refusal",
            "configured_admin_password", "configured_admins", "iter_csv", "iter_zip", "open_store", "refusal"]
 
@@ -48,18 +48,20 @@ def _progress(done: int, total: int) -> None:
     print(f"\rimporting [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
-def _predict_with_shipped_model(images: list) -> tuple[list, str]:
-    """The command line composes the store and the model: torch is loaded only for an archive without labels.csv,
-    whose images the model must predict, and only once."""
-    global _classifier
-    if _classifier is None:
-        from classifier import load_classifier
+def _predictor(store: Store):
+    """What predicts the images of an archive without labels.csv: the version the store has active. The command
+    line composes the store and the model: torch is loaded only for such an archive, and only once."""
+    loaded = []
 
-        _classifier = load_classifier()
-    return _classifier.predict(images), _classifier.version
+    def predict(images: list) -> tuple[list, str]:
+        if not loaded:
+            from classifier import load_version
+            from versions import active_version
 
+            loaded.append(load_version(store, active_version(store)))
+        return loaded[0].predict(images), loaded[0].version
 
-_classifier = None
+    return predict
 
 
 def _failed(error: Exception) -> int:
@@ -105,7 +107,7 @@ def main(argv: Sequence[str]) -> int:
             return 1
         from display import thumbnail
 
-        result = import_archive(store, args.archive, _predict_with_shipped_model, _progress, make_thumbnail=thumbnail)
+        result = import_archive(store, args.archive, _predictor(store), _progress, make_thumbnail=thumbnail)
         skipped = len(result.duplicates)
         print(f"imported {result.saved} records; {result.unchanged} were already saved; {skipped} "
               f"duplicate{'s' * (skipped != 1)} skipped", file=sys.stderr)

@@ -89,9 +89,12 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
                for share, confidence, accuracy in calibration_bins(probabilities, labels, bins))
 
 
-def fit_calibration(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
-    """The three numbers of Calibration that minimise the negative log-likelihood (L-BFGS, float64)."""
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> Calibration:
+    """The three numbers of Calibration that minimise the negative log-likelihood (L-BFGS, float64), each image's
+    weighted by `weights` if given (a few hundred photos can then count as much as thousands of test images)."""
     logits = logits.double()
+    weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
+    weights = weights / weights.sum()
     top2 = logits.topk(2, dim=1).values
     s = (top2[:, 0] - top2[:, 1]).clamp_min(1e-3).log()
     parameters = torch.zeros(3, dtype=torch.float64, requires_grad=True)
@@ -100,7 +103,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor) -> Calibration:
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         temperature = (parameters[0] + parameters[1] * s + parameters[2] * s * s).exp()
-        loss = nn.functional.cross_entropy(logits / temperature.unsqueeze(1), labels)
+        loss = (nn.functional.cross_entropy(logits / temperature.unsqueeze(1), labels, reduction="none") * weights).sum()
         loss.backward()
         return loss
 

@@ -44,6 +44,7 @@ class FolderImages:
     def _write(self, name: str, data: bytes) -> None:
         path = self.folder / name
         if not path.exists():  # named by content: an existing file already holds these bytes
+            path.parent.mkdir(exist_ok=True)  # models/ (see versions.py): the images lie in the folder itself
             _write_whole(path, data)
 
     def get(self, name: str) -> bytes:

@@ -121,7 +121,8 @@ class SaveResult:
 
 @dataclass(frozen=True)
 class RecordFilter:
-    """Which records History shows: some final labels, only corrections, a range of days (UTC), some people."""
+    """Which records History shows: some final labels, only corrections, a range of days (UTC), some people, some
+    model versions."""
 
     labels: tuple[str, ...] = ()
     corrected_only: bool = False
@@ -129,6 +130,7 @@ class RecordFilter:
     since: date | None = None
     until: date | None = None
     people: tuple[str, ...] = ()      # only records one of them saved or gave its final label last
+    models: tuple[str, ...] = ()      # only records one of these model versions predicted
 
 
 @dataclass(frozen=True)
@@ -163,3 +165,42 @@ class ImportResult:
     saved: int
     unchanged: int  # already saved before, left as they are
     duplicates: tuple[Duplicate, ...]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One model the store keeps: its files in the image store (by content hash), its model card, and how it came
+    to be. `status`: "shipped" (the weights the app ships, version 1 of a new store), "promoted" (a fine-tuned
+    candidate that passed the guard) or "rejected" (one that did not, kept to compare)."""
+
+    id: int
+    weights_file: str
+    card_file: str
+    bank_file: str
+    card: dict
+    status: str
+    made_from: int | None
+    created_at: str
+    created_by: str
+    records_seen: int   # saved records when it was made: the Model page counts those new since
+
+    @property
+    def name(self) -> str:
+        """What records name as their model version: the version and its weights' hash."""
+        return f"v{self.id}@{self.weights_file.rsplit('/', 1)[-1][:12]}"
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """A fine-tuning job as every server sees it: who started it, when, how far it is, and how it ended."""
+
+    id: int
+    started_by: str
+    started_at: str
+    state: str                   # running, done, failed or cancelled
+    beat_at: float               # when its process last said it was alive (Unix time)
+    progress: float              # 0..1
+    seconds_left: float | None
+    message: str                 # what it is doing, or how it ended
+    cancel: bool                 # Cancel was pressed: the process stops at its next beat
+    version_id: int | None       # the version it made (promoted or rejected)

@@ -47,6 +47,7 @@ class Classified:
     extension: str
     original: tuple[int, int]  # (offset, length) in the session's Spool
     prediction: Prediction
+    model_version: str  # the version that made the prediction: what its record names, whatever is served at Save
     picture: bytes     # the large copy of the one-at-a-time view
     card: bytes        # shown on its card and in the table
     thumbnail: bytes   # saved with the record, for History
@@ -287,10 +288,11 @@ class Review:
                     fetched.append((url, FetchError(f"{url!r} could not be fetched: {unforeseen(error, url)}.")))
         return fetched
 
-    def classify_next(self, predict: Callable[[list[Image.Image]], list[Prediction]],
-                      pool: Executor) -> tuple[int, int]:
-        """Decode (on the pool) and classify the next BATCH queued inputs. Returns (read, queued) for the progress
-        bar; once the queue is empty, the count of queued inputs starts again from zero."""
+    def classify_next(self, predict: Callable[[list[Image.Image]], list[Prediction]], pool: Executor,
+                      model_version: str) -> tuple[int, int]:
+        """Decode (on the pool) and classify the next BATCH queued inputs with `predict`, the model `model_version`.
+        Returns (read, queued) for the progress bar; once the queue is empty, the count of queued inputs starts
+        again from zero."""
         batch = self.pending[:BATCH]
         decoded = []
         for pending, future in zip(batch, [pool.submit(decode, self.spool, pending) for pending in batch]):
@@ -302,7 +304,7 @@ class Review:
             predictions = predict([image for _, (image, *_) in decoded])
             for (pending, (_, digest, extension, picture, card, thumbnail)), prediction in zip(decoded, predictions):
                 self.results[pending.key] = Classified(pending.source, digest, extension, pending.original, prediction,
-                                                       picture, card, thumbnail)
+                                                       model_version, picture, card, thumbnail)
         self.pending = self.pending[len(batch):]
         self._held = None  # what could not be decoded is counted no more
         done, queued = self.queued - len(self.pending), self.queued
@@ -432,12 +434,13 @@ class Review:
         """The pictures a Save takes: every one not marked SKIP."""
         return [(key, item) for key, item in self.items() if self.final_label(item) != SKIP]
 
-    def predictions(self, model_version: str) -> list[NewPrediction]:
-        """What a Save hands to the store, without the originals: the store reads each from the spool (through
-        original_reader()) as it writes it, so a Save of a thousand photos never holds them all in memory."""
+    def predictions(self) -> list[NewPrediction]:
+        """What a Save hands to the store, each naming the model version that predicted it, without the originals:
+        the store reads each from the spool (through original_reader()) as it writes it, so a Save of a thousand
+        photos never holds them all in memory."""
         return [NewPrediction(content_hash=item.content_hash, data=b"", extension=item.extension, source=item.source,
                               predicted_label=item.prediction.label, confidence=item.prediction.confidence,
-                              final_label=self.final_label(item), model_version=model_version,
+                              final_label=self.final_label(item), model_version=item.model_version,
                               is_ood=item.prediction.is_ood, ood_score=item.prediction.ood_score,
                               thumbnail=item.thumbnail)
                 for _, item in self.to_save()]

@@ -35,6 +35,8 @@ QUOTED_ENTRIES, QUOTED_LENGTH = 3, 60
 # Both next to app.py, whatever the working directory: a server started elsewhere finds the same store.
 DEFAULT_DB_PATH = ROOT / "image_classification.db"
 DEFAULT_IMAGE_DIR = ROOT / "temp_images"
+# The weights the app ships (with their model card and novelty bank beside them): version 1 of a new store.
+SHIPPED_WEIGHTS = ROOT / "models" / "resnet18_cifar10.pt"
 # The secrets files the admin password is read from when it is not in the environment, first one wins; None:
 # those Streamlit reads by default (secrets_files()). Tests set their own.
 SECRETS_FILES: tuple[Path, ...] | None = None
@@ -234,6 +236,7 @@ class Person:
 # What only some may do (words that finish "Only an admin may ..."); DELETE is of records saved by others.
 CLEAR = "clear the database"
 DELETE = "delete records saved by others"
+IMPROVE = "fine-tune the model or choose the one in use"
 
 
 def refusal(person: Person, action: str, password: str = "", owner: str | None = None) -> str | None:

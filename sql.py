@@ -4,10 +4,11 @@ other differences (connecting, locking, errors) live in database_sqlite.py and d
 
 from __future__ import annotations
 
+import json
 from datetime import date, timedelta
 from typing import Callable, ContextManager, Protocol, Sequence
 
-from records import COLUMNS, NewPrediction, RecordFilter, SavedPrediction, image_name
+from records import COLUMNS, ModelJob, ModelVersion, NewPrediction, RecordFilter, SavedPrediction, image_name
 
 # Rows per statement: bounded memory, SQLite's variable limit, few round trips.
 BATCH = 500
@@ -72,6 +73,38 @@ MIGRATIONS = (
     ALTER TABLE predictions ADD COLUMN labelled_at TEXT NOT NULL DEFAULT '';
     CREATE INDEX predictions_saved_by ON predictions (saved_by, is_correct);
     CREATE INDEX predictions_labelled_by ON predictions (labelled_by);
+    """,
+    # Model versions, kept in the store so that every server serves the same one: each version's files (weights,
+    # model card, novelty bank) are in the image store under their content hash, its card (what the Model page
+    # shows) here too; store_meta names the active one. model_jobs: the fine-tuning jobs, one running at a time
+    # across every server, each with its progress and a heartbeat (a job whose process died stops beating).
+    """
+    CREATE TABLE model_versions (
+        id INTEGER PRIMARY KEY,
+        weights_file TEXT NOT NULL,
+        card_file TEXT NOT NULL,
+        bank_file TEXT NOT NULL,
+        card TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('shipped', 'promoted', 'rejected')),
+        made_from INTEGER,
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        records_seen BIGINT NOT NULL
+    );
+    ALTER TABLE store_meta ADD COLUMN active_model INTEGER;
+    CREATE TABLE model_jobs (
+        id INTEGER PRIMARY KEY,
+        started_by TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'done', 'failed', 'cancelled')),
+        beat_at DOUBLE PRECISION NOT NULL,
+        progress DOUBLE PRECISION NOT NULL,
+        seconds_left DOUBLE PRECISION,
+        message TEXT NOT NULL,
+        cancel INTEGER NOT NULL CHECK (cancel IN (0, 1)),
+        version_id INTEGER
+    );
+    CREATE INDEX model_predictions ON predictions (model_version);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -208,6 +241,11 @@ def people(cursor: Cursor) -> list[str]:
         "SELECT DISTINCT labelled_by AS person FROM predictions WHERE labelled_by <> ''")})
 
 
+def model_names(cursor: Cursor) -> list[str]:
+    """Every model version that predicted a saved record, in order (from its index)."""
+    return sorted(row["model_version"] for row in cursor.rows("SELECT DISTINCT model_version FROM predictions"))
+
+
 def count(cursor: Cursor, record_filter: RecordFilter) -> int:
     where, parameters = where_clause(record_filter)
     return cursor.one(f"SELECT COUNT(*) AS n FROM predictions{where}", parameters)["n"]
@@ -256,6 +294,9 @@ def where_clause(record_filter: RecordFilter) -> tuple[str, list]:
         listed = placeholders(len(record_filter.people))
         clauses.append(f"(saved_by IN ({listed}) OR labelled_by IN ({listed}))")
         parameters += [*record_filter.people, *record_filter.people]
+    if record_filter.models:
+        clauses.append(f"model_version IN ({placeholders(len(record_filter.models))})")
+        parameters += list(record_filter.models)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), parameters
 
 
@@ -318,3 +359,89 @@ def delete_if_unchanged(cursor: Cursor, record_id: int, edits: int) -> str | Non
 
 def delete_all(cursor: Cursor) -> None:
     cursor.execute("DELETE FROM predictions")
+
+
+# ---------------------------------------------------------------- model versions and fine-tuning jobs
+
+VERSION_COLUMNS = ("id", "weights_file", "card_file", "bank_file", "card", "status", "made_from", "created_at",
+                   "created_by", "records_seen")
+JOB_COLUMNS = ("id", "started_by", "started_at", "state", "beat_at", "progress", "seconds_left", "message", "cancel",
+               "version_id")
+
+
+def version_from_row(row) -> ModelVersion:
+    return ModelVersion(**{column: row[column] for column in VERSION_COLUMNS} | {"card": json.loads(row["card"])})
+
+
+def model_versions(cursor: Cursor) -> list[ModelVersion]:
+    return [version_from_row(row) for row in cursor.rows(
+        f"SELECT {', '.join(VERSION_COLUMNS)} FROM model_versions ORDER BY id")]
+
+
+def model_version(cursor: Cursor, version_id: int) -> ModelVersion | None:
+    row = cursor.one(f"SELECT {', '.join(VERSION_COLUMNS)} FROM model_versions WHERE id = ?", (version_id,))
+    return None if row is None else version_from_row(row)
+
+
+def active_model(cursor: Cursor) -> int | None:
+    return cursor.one("SELECT active_model FROM store_meta")["active_model"]
+
+
+def set_active_model(cursor: Cursor, version_id: int) -> None:
+    cursor.execute("UPDATE store_meta SET active_model = ? WHERE id = 1", (version_id,))
+
+
+def insert_version(cursor: Cursor, version: dict) -> int:
+    """A new version (its fields but the id); returns its id, one more than any before."""
+    version_id = cursor.one("SELECT COALESCE(MAX(id), 0) + 1 AS next FROM model_versions")["next"]
+    row = version | {"id": version_id, "card": json.dumps(version["card"])}
+    cursor.execute(f"INSERT INTO model_versions ({', '.join(VERSION_COLUMNS)}) "
+                   f"VALUES ({placeholders(len(VERSION_COLUMNS))})", [row[column] for column in VERSION_COLUMNS])
+    return version_id
+
+
+def model_files(cursor: Cursor) -> set[str]:
+    """Every file a version names."""
+    return {row[column] for row in cursor.rows("SELECT weights_file, card_file, bank_file FROM model_versions")
+            for column in ("weights_file", "card_file", "bank_file")}
+
+
+def record_count(cursor: Cursor) -> int:
+    return cursor.one("SELECT COUNT(*) AS n FROM predictions")["n"]
+
+
+def job_from_row(row) -> ModelJob:
+    return ModelJob(**{column: row[column] for column in JOB_COLUMNS} | {"cancel": bool(row["cancel"])})
+
+
+def latest_job(cursor: Cursor) -> ModelJob | None:
+    row = cursor.one(f"SELECT {', '.join(JOB_COLUMNS)} FROM model_jobs ORDER BY id DESC LIMIT 1")
+    return None if row is None else job_from_row(row)
+
+
+def job(cursor: Cursor, job_id: int) -> ModelJob | None:
+    row = cursor.one(f"SELECT {', '.join(JOB_COLUMNS)} FROM model_jobs WHERE id = ?", (job_id,))
+    return None if row is None else job_from_row(row)
+
+
+def insert_job(cursor: Cursor, started_by: str, started_at: str, beat_at: float) -> int:
+    job_id = cursor.one("SELECT COALESCE(MAX(id), 0) + 1 AS next FROM model_jobs")["next"]
+    cursor.execute("INSERT INTO model_jobs (id, started_by, started_at, state, beat_at, progress, seconds_left, "
+                   "message, cancel, version_id) VALUES (?, ?, ?, 'running', ?, 0, NULL, 'starting', 0, NULL)",
+                   (job_id, started_by.replace("\x00", "\ufffd"), started_at, beat_at))
+    return job_id
+
+
+def beat_job(cursor: Cursor, job_id: int, beat_at: float, progress: float, seconds_left: float | None,
+             message: str) -> None:
+    cursor.execute("UPDATE model_jobs SET beat_at = ?, progress = ?, seconds_left = ?, message = ? "
+                   "WHERE id = ? AND state = 'running'", (beat_at, progress, seconds_left, message, job_id))
+
+
+def end_job(cursor: Cursor, job_id: int, state: str, message: str, version_id: int | None = None) -> None:
+    cursor.execute("UPDATE model_jobs SET state = ?, message = ?, version_id = ?, seconds_left = NULL "
+                   "WHERE id = ? AND state = 'running'", (state, message, version_id, job_id))
+
+
+def cancel_job(cursor: Cursor, job_id: int) -> None:
+    cursor.execute("UPDATE model_jobs SET cancel = 1 WHERE id = ? AND state = 'running'", (job_id,))

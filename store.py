@@ -142,6 +142,11 @@ class Store:
         with self.database.transaction(write=False) as cursor:
             return sql.people(cursor)
 
+    def model_names(self) -> list[str]:
+        """Every model version that predicted a saved record (History's filter by version)."""
+        with self.database.transaction(write=False) as cursor:
+            return sql.model_names(cursor)
+
     def count(self, record_filter: RecordFilter = RecordFilter()) -> int:
         with self.database.transaction(write=False) as cursor:
             return sql.count(cursor, record_filter)

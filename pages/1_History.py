@@ -50,6 +50,12 @@ def people(store_id: str, revision: int, _store: Store) -> list[str]:
     return _store.people()
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def model_names(store_id: str, revision: int, _store: Store) -> list[str]:
+    """Every model version that predicted a saved record, read again only when the store changes."""
+    return _store.model_names()
+
+
 def delete_record(store: Store, record_id: int, owner: str) -> None:
     """Delete one record: without sign-in, with the admin password when one is set; with it, one's own, or any as an
     admin. Asked again here whatever the page showed (a wrong password, a secrets file that broke since, a click on a
@@ -133,8 +139,18 @@ with dates_column:
     first_day = first_and_last[0]
     today = max(datetime.now(timezone.utc).date(), first_and_last[1])
     days = st.date_input("Saved between (UTC)", (first_day, today), min_value=first_day, max_value=today)
+    models = st.multiselect("Predicted by model version", model_names(store.store_id, store.revision(), store),
+                            placeholder="Every version", help="The version each record names is the one that "
+                                                              "predicted it (the Model page lists them).")
 since, until = (days[0], days[-1]) if days else (None, None)
-record_filter = RecordFilter(tuple(labels), corrected_only, flagged_only, since, until, tuple(chosen_people))
+record_filter = RecordFilter(tuple(labels), corrected_only, flagged_only, since, until, tuple(chosen_people),
+                             tuple(models))
+gone = [name for name in chosen_people if name not in everyone]
+if gone:
+    st.info(f"No record is saved or last labelled by {', '.join(escape_markdown(name) for name in gone)} any more: "
+            "the last one was deleted, or relabelled by someone else. Remove "
+            f"{'them' if len(gone) > 1 else 'the name'} from **Saved or labelled by** to see everyone's records.",
+            icon=":material/person_off:")
 if state.get("history_filter") != record_filter:  # a new filter starts at its first page
     state.history_filter, state.history_page = record_filter, 1
 

@@ -101,13 +101,13 @@ def test_a_plain_imagefolder_zip_is_labelled_by_folder_and_predicted_by_the_mode
         archive.writestr("airplane/sky.png", image_bytes("PNG", size=(64, 64), color=(120, 160, 230)))
         archive.writestr("frog/pond.jpg", image_bytes("JPEG", size=(50, 40), color=(40, 160, 60)))
     store = backend.store()
-    result = import_archive(store, archive_path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
+    result = import_archive(store, archive_path, db._predictor(store), make_thumbnail=thumbnail)
     assert result.saved == 2
     records = {record.source: record for record in store.list_predictions()}
     assert {name: record.final_label for name, record in records.items()} == {
         "airplane/sky.png": "airplane", "frog/pond.jpg": "frog"}
     for record in records.values():
-        assert record.model_version.startswith("resnet18_cifar10@") and 0 < record.confidence <= 1
+        assert record.model_version.startswith("v1@") and 0 < record.confidence <= 1  # the store's active version
         assert record.is_correct == (record.predicted_label == record.final_label)
 
 
@@ -257,13 +257,13 @@ def test_the_same_picture_under_two_names_is_imported_once(backend, tmp_path, li
         members["labels.csv"] = manifest_for(members)
     path = make_zip(tmp_path / "twins.zip", members)
     store = backend.store()
-    result = import_archive(store, path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
+    result = import_archive(store, path, db._predictor(store), make_thumbnail=thumbnail)
     assert (result.saved, result.unchanged) == (2, 0)
     assert result.duplicates == (Duplicate("dog/b.png", kept="cat/a.png", label="cat"),)
     assert sorted((r.source, r.final_label) for r in store.list_predictions()) == [
         ("cat/a.png", "cat"), ("frog/other.png", "frog")]
     assert len(backend.image_names()) == 2
-    again = import_archive(store, path, db._predict_with_shipped_model, make_thumbnail=thumbnail)
+    again = import_archive(store, path, db._predictor(store), make_thumbnail=thumbnail)
     assert (again.saved, again.unchanged, again.duplicates) == (0, 2, result.duplicates)
     assert store.count() == 2 and len(backend.image_names()) == 2
 

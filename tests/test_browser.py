@@ -244,7 +244,7 @@ def test_upload_correct_save_and_download_in_a_real_browser(browser, tmp_path):
         assert resident_bytes(server) - memory_before < 40 * 2**20
         assert sum(files_held_open(server.process.pid, spools)) >= 8 * 16 * 2**20
         assert page.locator('[data-testid="stSidebarNav"]').inner_text().split() == [
-            "image_search", "Classify", "history", "History"]
+            "image_search", "Classify", "history", "History", "model_training", "Model"]
         with app_run(page):
             page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(files)
             page.get_by_text("2 images classified").wait_for(timeout=60_000)

@@ -133,15 +133,15 @@ def test_version_names_the_weights_file(classifier):
     assert classifier_module.DEFAULT_WEIGHTS.stat().st_size < 25e6
 
 
-def test_command_line_reports_each_file_and_goes_on_after_a_bad_one(tmp_path):
+def test_command_line_reports_each_file_and_goes_on_after_a_bad_one(tmp_path, store_env):
     good = tmp_path / "good.png"
     good.write_bytes(image_bytes("PNG", size=(100, 80)))
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"plain text")
     run = subprocess.run([sys.executable, str(ROOT / "classifier.py"), str(bad), str(good), str(tmp_path / "gone.png")],
                          capture_output=True, text=True, timeout=120)
-    lines = run.stdout.strip().splitlines()
-    assert run.returncode == 1 and len(lines) == 3
+    model, *lines = run.stdout.strip().splitlines()
+    assert model.startswith("model v1@") and run.returncode == 1 and len(lines) == 3  # the new store's version 1
     assert lines[0].startswith(f"{bad}\tERROR\t") and "text file" in lines[0]
     name, label, confidence, *flag = lines[1].split("\t")
     assert name == str(good) and label in CLASSES and confidence.endswith("%")

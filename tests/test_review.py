@@ -32,7 +32,7 @@ def add_picture(review: Review, key: str, label: str = "cat", confidence: float 
     """A picture as the model would have left it on the page, with the prediction chosen by the test."""
     data = key.encode()
     review.results[key] = Classified(key, hashlib.sha256(data).hexdigest(), "png", (0, len(data)),
-                                     Prediction(label, confidence, [(label, confidence)], [], 0.0, is_ood),
+                                     Prediction(label, confidence, [(label, confidence)], [], 0.0, is_ood), "v1",
                                      b"", b"", b"")
 
 
@@ -51,7 +51,7 @@ def labels_given(review: Review) -> dict[str, str]:
 def read_everything(review: Review, classifier) -> None:
     with ThreadPoolExecutor(2) as pool:
         while review.pending:
-            review.classify_next(classifier.predict, pool)
+            review.classify_next(classifier.predict, pool, classifier.version)
 
 
 def test_each_key_labels_the_picture_on_the_screen_and_moves_in_review_order():
@@ -146,10 +146,10 @@ def test_a_save_takes_the_labels_chosen_and_reads_each_original_back_byte_for_by
     (_, red), (blue_key, _), (green_key, _) = review.items()
     review.label(blue_key, SKIP)
     review.label(green_key, "deer")
-    predictions = review.predictions("model@1")
-    assert [(p.source, p.final_label, p.data) for p in predictions] == [
-        ("red.png", red.prediction.label, b""), ("green.png", "deer", b"")]
-    assert all(p.thumbnail and p.model_version == "model@1" for p in predictions)
+    predictions = review.predictions()
+    assert [(p.source, p.final_label, p.data, p.model_version) for p in predictions] == [
+        ("red.png", red.prediction.label, b"", classifier.version), ("green.png", "deer", b"", classifier.version)]
+    assert all(p.thumbnail for p in predictions)
     read = review.original_reader()
     assert [read(p) for p in predictions] == [RED, GREEN]
     review.close()
@@ -194,7 +194,7 @@ def test_a_label_belongs_to_the_picture_not_to_the_input_that_brought_it(classif
     assert shown(review, 0.0) == "file-upload-2"    # the red one has had its key: the view does not go back to it
     review.take_urls([])                             # the URL leaves the box; the upload of the same picture stays
     review.label("file-upload-2", SKIP)
-    assert [(prediction.source, prediction.final_label) for prediction in review.predictions("v1")] == [
+    assert [(prediction.source, prediction.final_label) for prediction in review.predictions()] == [
         ("red copy.png", "frog")]
 
 
