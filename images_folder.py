@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from image_store import IMAGE_NAME, IMAGE_THREADS, OWNERS_SUFFIX, PARTIAL_PREFIX
+from image_store import IMAGE_NAME, IMAGE_THREADS, MODEL_FILE, OWNERS_SUFFIX, PARTIAL_PREFIX
 from records import ImageMissing, StoreError
 from settings import IMAGE_DIR_ENV
 
@@ -69,11 +69,22 @@ class FolderImages:
                     if IMAGE_NAME.match(entry.name) and entry.is_file():
                         yield entry.name, entry.stat().st_mtime
 
+    def stored_models(self) -> Iterator[tuple[str, float]]:
+        """(name, modification time) of every model version's file this store wrote (under models/)."""
+        with self._errors():
+            models = self.folder / "models"
+            for path in models.iterdir() if models.is_dir() else ():
+                name = f"models/{path.name}"
+                if MODEL_FILE.match(name) and path.is_file():
+                    yield name, path.stat().st_mtime
+
     def remove_partials(self, older_than: float) -> int:
-        """Temporary files of writes that died half-way (only the object store's own puts are atomic)."""
+        """Temporary files of writes that died half-way (only the object store's own puts are atomic), beside the
+        images and beside the model versions' files."""
         removed = 0
         with self._errors():
-            for path in self.folder.glob(PARTIAL_PREFIX + "*") if self.folder.is_dir() else ():
+            folders = [folder for folder in (self.folder, self.folder / "models") if folder.is_dir()]
+            for path in (path for folder in folders for path in folder.glob(PARTIAL_PREFIX + "*")):
                 if path.is_file() and path.stat().st_mtime < older_than:
                     path.unlink(missing_ok=True)
                     removed += 1

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from image_store import IMAGE_NAME, IMAGE_THREADS, OWNERS_SUFFIX
+from image_store import IMAGE_NAME, IMAGE_THREADS, MODEL_FILE, OWNERS_SUFFIX
 from records import ImageMissing, SettingsError, StoreError
 from settings import IMAGE_STORE_ENV, split_url
 
@@ -125,6 +125,13 @@ class S3Images:
         for item in self._list(self._key("")):
             name = item["Key"][start:]
             if IMAGE_NAME.match(name):
+                yield name, item["LastModified"].timestamp()
+
+    def stored_models(self) -> Iterator[tuple[str, float]]:
+        start = len(self._key(""))
+        for item in self._list(self._key("models/")):
+            name = item["Key"][start:]
+            if MODEL_FILE.match(name):
                 yield name, item["LastModified"].timestamp()
 
     def remove_partials(self, older_than: float) -> int:

@@ -333,12 +333,24 @@ class Store:
         return ClearResult(len(names), self._remove_or_defer(names, sweep=True))
 
     def remove_leftovers(self, grace_s: float = LEFTOVER_GRACE_S) -> int:
-        """Remove images (and half-written files) of saves that died before COMMIT, older than the grace period,
-        which another server may still be inside. Returns how many went."""
+        """Remove images (and half-written files) of saves that died before COMMIT, and model files of jobs that
+        died before theirs, older than the grace period, which another server may still be inside. Returns how
+        many went."""
         older_than = time.time() - grace_s
         removed = self.images.remove_partials(older_than)
         old = (name for name, modified in self.images.stored() if modified < older_than)
-        return removed + self._remove_unreferenced_among(old)
+        return removed + self._remove_unreferenced_among(old) + self._remove_unnamed_models(older_than)
+
+    def _remove_unnamed_models(self, older_than: float) -> int:
+        """Model files no version names, older than the grace period: those of a job killed while it kept its
+        version (its files go to the image store before its row commits). Under the write lock, as for images."""
+        old = [name for name, modified in self.images.stored_models() if modified < older_than]
+        if not old or self._other_owners():
+            return 0
+        with self.database.transaction(write=True) as cursor:
+            unnamed = [name for name in old if name not in sql.model_files(cursor)]
+            self.images.delete_many(unnamed)
+        return len(unnamed)
 
     def _remove_unreferenced_among(self, names: Iterable[str]) -> int:
         removed, batch = 0, []

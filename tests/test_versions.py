@@ -278,3 +278,16 @@ def test_a_server_follows_the_active_version_loads_each_once_and_never_serves_a_
     store.images.get = real_get
     now[0] += 5.1
     assert served.get(store)[0].id == second.id and served.problem == ""
+
+
+def test_the_files_of_a_job_killed_while_it_kept_its_version_are_removed_later(backend):
+    store = backend.store()
+    kept = versions.active_version(store)
+    other = other_weights()  # a job killed after writing its files, before its row committed
+    orphans = [versions.file_name(other, ".pt"), versions.file_name(b'{"a": 1}', ".json")]
+    store.images.put_many([(orphans[0], other), (orphans[1], b'{"a": 1}')])
+    assert store.remove_leftovers() == 0  # within the grace period: a job may still be keeping them
+    time.sleep(1.1)
+    assert store.remove_leftovers(grace_s=1) == 2
+    assert {name for name, _ in store.images.stored_models()} == {kept.weights_file, kept.card_file, kept.bank_file}
+    load_version(store, kept)  # its own files stay
