@@ -4,7 +4,6 @@ Cancel keeps nothing, a killed job fails, and a rollback makes every server foll
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,8 +15,8 @@ from streamlit.testing.v1 import AppTest
 import versions
 from db import Store
 from classes import CLASSES
-from conftest import ROOT, shown
-from test_team import AUTH, open_page, page_words, signed_in
+from conftest import ROOT
+from test_team import open_page, page_words, signed_in
 from test_train import make_image_folder
 from test_versions import saved_feedback, shipped_files
 
@@ -128,7 +127,7 @@ def test_a_job_started_on_the_page_runs_apart_and_a_second_start_is_refused(stor
     made = versions.versions(store)[-1]
     assert ended.version_id == made.id == 2 and made.status in (versions.PROMOTED, versions.REJECTED)
     app.run()
-    assert f"Job 1, started by someone at" in words(app) and "done" in words(app)
+    assert "Job 1, started by someone at" in words(app) and "done" in words(app)
 
 
 def test_cancel_keeps_nothing_and_a_killed_job_fails_and_can_start_again(store_env, tiny_training_data, monkeypatch):

@@ -15,9 +15,7 @@ from PIL import Image
 import cifar10
 import classifier
 import evaluate
-import finetune
 import train
-from archives import iter_zip
 from classes import CLASSES
 from classifier import file_sha256, load_classifier, normalize
 from conftest import ROOT, cannot_run
@@ -357,32 +355,6 @@ def test_every_recipe_is_a_train_py_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipes.parse_args(["--out", str(tmp_path), "--only", "anchor,photo"])
     assert "no recipe named photo;" in capsys.readouterr().err
-
-
-def test_finetune_on_an_export_keeps_or_refuses_by_test_accuracy(tmp_path, store_env, tiny_photo_set):
-    """The History page's ZIP goes straight into --finetune; the new weights are written only when allowed."""
-    from db import NewPrediction, Store
-    from conftest import image_bytes
-    import hashlib
-
-    store = Store.from_env()
-    exported = [image_bytes("PNG", size=(40, 40), color=(30 * i, 200 - 15 * i, 90)) for i in range(6)]
-    store.save_predictions([NewPrediction(hashlib.sha256(data).hexdigest(), data, "png", f"{i}.png", "cat", 0.4,
-                                          CLASSES[i], "test") for i, data in enumerate(exported)])
-    export = tmp_path / "export.zip"
-    export.write_bytes(b"".join(iter_zip(store)))
-    x, y = finetune.load_export(export)
-    assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == list(range(6))
-
-    common = [str(export), "--data", str(tmp_path / "data"), "--batch-size", "16", "--epochs", "1", "--mix", "1"]
-    refused = tmp_path / "refused.pt"
-    assert finetune.finetune(finetune.parse_args(common + ["--out", str(refused), "--max-drop", "-1"])) is None
-    assert not refused.exists()
-
-    accepted = tmp_path / "accepted.pt"
-    card = finetune.finetune(finetune.parse_args(common + ["--out", str(accepted), "--max-drop", "1"]))
-    assert accepted.exists() and card["finetuned_from"].startswith("resnet18_cifar10@") and card["finetune_images"] == 6
-    assert load_classifier(accepted).version != load_classifier().version
 
 
 def test_asking_for_a_missing_gpu_is_a_clear_error():

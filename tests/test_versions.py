@@ -15,7 +15,7 @@ import torch
 import finetune
 import versions
 from classes import CLASSES
-from classifier import DEFAULT_WEIGHTS, WeightsError, load_classifier, load_version
+from classifier import DEFAULT_WEIGHTS, load_classifier, load_version
 from conftest import image_bytes
 from inputs import load_image
 from records import NewPrediction, StoreError
