@@ -8,6 +8,7 @@ for a fixed time."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -83,12 +84,18 @@ def upload(page, files: list[str]) -> None:
 
 
 def check_in_view(page, name: str) -> None:
-    """The picture, the prediction, the ten classes and Save inside the window, none of them covered."""
+    """The picture, the prediction, the ten classes and Save inside the window, none of them covered, once the page
+    has brought them into view (its script runs as the picture is drawn; on a busy machine a moment later)."""
     classes = page.locator(CLASS_BUTTONS)
     assert classes.count() == 10
-    out = {what: locator.evaluate_all(OUT_OF_VIEW) for what, locator in (
-        ("picture", page.locator(PICTURE)), ("prediction", page.locator(PREDICTION)), ("classes", classes),
-        ("Save", save_button(page)))}
+    deadline = time.monotonic() + 10
+    while True:
+        out = {what: locator.evaluate_all(OUT_OF_VIEW) for what, locator in (
+            ("picture", page.locator(PICTURE)), ("prediction", page.locator(PREDICTION)), ("classes", classes),
+            ("Save", save_button(page)))}
+        if not any(out.values()) or time.monotonic() > deadline:
+            break
+        page.wait_for_timeout(100)
     if any(out.values()):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"layout-{name}.png"))
