@@ -121,17 +121,17 @@ class S3Images:
                 yield from page.get("Contents", [])
 
     def stored(self) -> Iterator[tuple[str, float]]:
-        start = len(self._key(""))
-        for item in self._list(self._key("")):
-            name = item["Key"][start:]
-            if IMAGE_NAME.match(name):
-                yield name, item["LastModified"].timestamp()
+        return self._stored("", IMAGE_NAME)
 
     def stored_models(self) -> Iterator[tuple[str, float]]:
+        return self._stored("models/", MODEL_FILE)
+
+    def _stored(self, folder: str, names: re.Pattern) -> Iterator[tuple[str, float]]:
+        """(name, modification time) of the objects under folder/ whose names (from the prefix on) are `names`."""
         start = len(self._key(""))
-        for item in self._list(self._key("models/")):
+        for item in self._list(self._key(folder)):
             name = item["Key"][start:]
-            if MODEL_FILE.match(name):
+            if names.match(name):
                 yield name, item["LastModified"].timestamp()
 
     def remove_partials(self, older_than: float) -> int:
