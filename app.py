@@ -523,11 +523,13 @@ def clear_database() -> None:
 # ---------------------------------------------------------------- the main page: the inputs
 
 def input_sources() -> tuple[list, list[str]]:
-    """The uploader and the URL box: the uploads not read yet, and the URLs (each once, in order). Once the page
-    holds pictures they fold into one line that opens with a click, and the review has the screen. Folded or not they
-    are the same expander (its new label folds it), so a URL half typed in the box stays there."""
+    """The uploader and the URL box: the uploads not read yet, and the URLs (each once, in order). While the page
+    reviews pictures one at a time they fold into one line that opens with a click, and the review has the screen.
+    Folded or not they are the same expander (its new label folds it), so a URL half typed in the box stays there."""
     state = st.session_state
-    state.inputs_folded = bool(state.review.items())
+    # Folded only in the one-at-a-time view, which needs the screen: a selection dropped as the inputs fold can be
+    # lost with the uploader's old place in the page, and in Cards and Table people keep dropping more.
+    state.inputs_folded = bool(state.review.items()) and state.review_view == ONE_AT_A_TIME
     with st.expander("Add more images" if state.inputs_folded else "Add images", expanded=not state.inputs_folded,
                      icon=":material/add_photo_alternate:"):
         uploads = st.file_uploader(
@@ -629,9 +631,9 @@ def review_section() -> None:
     if state.pop("rerun_page", False):  # set by a callback of this fragment's own run
         st.rerun(scope="app")
     items = state.review.items()
-    if items and not state.get("inputs_folded", True):  # the first pictures, from URLs this run fetched
-        st.rerun(scope="app")  # draws the inputs again, folded
     view = state.review_view
+    if state.get("inputs_folded") != (bool(items) and view == ONE_AT_A_TIME):  # the view chosen, or the first
+        st.rerun(scope="app")  # pictures from URLs this run fetched: the inputs are drawn again, (un)folded
     if items:
         st.subheader(f"{plural(len(items), 'image')} classified")
         view_column, threshold_column = st.columns([1, 2])

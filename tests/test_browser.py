@@ -348,10 +348,15 @@ def test_three_selections_dropped_in_quick_succession_are_all_read(browser, tmp_
         for selection in selections:
             ended = runs_ended(page)
             uploader.first.set_input_files(selection)
-            # The next one as soon as the page reads this one (its run has started, or even ended): then the page
-            # has retired the uploader that the browser still shows and the next selection reaches.
+            # The next one as soon as the page reads this one: then the page has retired the uploader that the
+            # browser still shows and the next selection reaches. Should the run have ended already (a busy machine
+            # saw neither its start nor the page idle in between), the next one waits for the page to be drawn:
+            # a selection dropped on an uploader the browser still shows after that run ended can be lost (the
+            # closing note of issue 27 says so), which is not what this test is about.
             page.wait_for_function("([ended, idle]) => window.appRunsEnded > ended || !document.querySelector(idle)",
                                    arg=[ended, IDLE], timeout=30_000)
+            if runs_ended(page) > ended:
+                page.wait_for_selector(IDLE, timeout=30_000)
         names = [Path(path).name for selection in selections for path in selection]
         try:  # the count is drawn before the cards that name the pictures
             page.wait_for_function(f"names => ({NOT_IN_THE_REVIEW})(names).length === 0", arg=names, timeout=60_000)

@@ -206,9 +206,9 @@ def test_one_at_a_time_fits_a_phone_screen_tap_after_tap(browser, server, tmp_pa
     check_in_view(page, "phone-saved-picture")
 
 
-def test_the_inputs_fold_once_urls_bring_the_first_pictures(store_env, local_server, monkeypatch):
-    """Fetched in the run that drew the inputs open, the first pictures fold them at once (uploads fold them on
-    the run after they are read, which the page makes anyway); Clear all opens them again."""
+def test_the_inputs_fold_while_the_review_is_one_at_a_time(store_env, local_server, monkeypatch):
+    """Choosing One at a time (a rerun of the review alone) folds the inputs at once, choosing Cards opens them
+    again; in Cards, where people keep dropping more, pictures from URLs leave them open; Clear all opens them."""
     monkeypatch.setenv("CIFAR10_ALLOW_PRIVATE_URLS", "loopback")
     local_server.routes["/red.png"] = Route(body=image_bytes("PNG"), headers={"Content-Type": "image/png"})
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
@@ -221,8 +221,15 @@ def test_the_inputs_fold_once_urls_bring_the_first_pictures(store_env, local_ser
     assert inputs() == ("Add images", True)
     app.text_area[0].input(local_server.url("/red.png"))
     app.run()
-    assert not app.exception and len(app.selectbox) == 1
+    assert not app.exception and len(app.selectbox) == 1 and inputs() == ("Add images", True)
+    app.segmented_control[0].set_value("One at a time")
+    app.run()
     assert inputs() == ("Add more images", False) and app.text_area[0].value == local_server.url("/red.png")
+    app.segmented_control[0].set_value("Cards")
+    app.run()
+    assert inputs() == ("Add images", True)
+    app.segmented_control[0].set_value("One at a time")
+    app.run()
     [clear] = [button for button in app.button if button.label == "Clear all"]
     clear.click()
     app.run()
