@@ -326,11 +326,12 @@ def load_classifier(weights_path: str | Path | None = None) -> Classifier:
                                 (str(path), f"The model card {card_path}"), (weights_hint, card_hint))
 
 
-def load_version(store, version) -> Classifier:
-    """A version the store keeps (a versions.ModelVersion), named as the records it predicts name it."""
+def load_version(store, version, files: tuple[bytes, dict, bytes] | None = None) -> Classifier:
+    """A version the store keeps (a versions.ModelVersion), named as the records it predicts name it; from its
+    files as versions.version_files gives them, read here unless given."""
     from versions import version_files
 
-    weights, card, bank = version_files(store, version)
+    weights, card, bank = files if files is not None else version_files(store, version)
     where = f"model version {version.id} in {store.images.description}"
     never = f"Version {version.id} is never served: make another one active on the Model page."
     return described_classifier(weights, card, bank, version.name, (f"the weights of {where}", f"The card of {where}"),

@@ -155,12 +155,23 @@ def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
-def novelty_bank(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Normalised features of BANK_PER_CLASS training images of each class (a fixed random choice), fp16."""
+def bank_indices(labels: torch.Tensor) -> torch.Tensor:
+    """BANK_PER_CLASS training images of each class, a fixed random choice: the novelty bank's, and the CIFAR-10
+    images a fine-tuning job mixes with the feedback."""
     generator = torch.Generator().manual_seed(0)
-    chosen = torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)]
-                        [:BANK_PER_CLASS] for c in range(len(CLASSES))])
-    return nn.functional.normalize(classifier.outputs(images[chosen])[1], dim=1).half()
+    return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)]
+                      [:BANK_PER_CLASS] for c in range(len(CLASSES))])
+
+
+def calibration_halves(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split's fixed random half that fits the calibration, and the other half, which measures it."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    return order[:count // 2], order[count // 2:]
+
+
+def novelty_bank(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised features of the bank's training images (bank_indices), fp16."""
+    return nn.functional.normalize(classifier.outputs(images[bank_indices(labels)])[1], dim=1).half()
 
 
 def photo_like(images: torch.Tensor, size: int = 96, quality: int = 80) -> torch.Tensor:
@@ -254,9 +265,7 @@ def describe_model(weights: Path, data: dict, card: dict, device: str | torch.de
     confusion_matrix_figure(result["confusion_matrix"], f"CIFAR-10 test split, accuracy {result['accuracy']:.2%}") \
         .savefig(stem.with_name(stem.name + ".confusion.png"), dpi=120)
 
-    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
-    order = torch.randperm(len(test_y), generator=generator)
-    fit_half, held_out = order[:len(order) // 2], order[len(order) // 2:]
+    fit_half, held_out = calibration_halves(len(test_y))
     calibration = fit_calibration(logits[fit_half], test_y[fit_half])
     before, after = logits[held_out].softmax(dim=1), calibration.probabilities(logits[held_out])
     reliability_figure(before, after, test_y[held_out], stem.with_name(stem.name + ".reliability.png"))

@@ -36,9 +36,10 @@ from torch import nn
 
 from classes import CLASSES
 from classifier import Classifier, Novelty, load_version, save_atomically, to_uint8_batch
+from evaluate import FLAGGED_SHARE
 from train import machine_description
 
-# ---------------------------------------------------------------- hyperparameters (measured: README, "Learning")
+# ---------------------------------------------------------------- hyperparameters (measured: docs/learning.md)
 HYPERPARAMETERS = dict(
     steps=300,             # full-batch steps of the final layer, on features computed once
     lr=0.5,                # SGD with momentum 0.9, decayed linearly to zero
@@ -47,7 +48,7 @@ HYPERPARAMETERS = dict(
     held_out_every=5,      # one record in five, by content hash, is held out
     max_drop=0.003,        # the largest drop in CIFAR-10 test accuracy (flip TTA) a promotion may cost
     calibration_share=0.5,  # the held-out feedback's weight when calibration is fitted (the rest: CIFAR-10)
-    flagged_share=0.05,    # "none of the ten" flags at most this share of the test split and of the feedback
+    flagged_share=FLAGGED_SHARE,  # "none of the ten" flags at most this share of the test split and of the feedback
     seed=0,
 )
 # Where the CIFAR-10 images are, for a job the Model page starts (it passes no flags).
@@ -105,10 +106,9 @@ class Beat:
         self.step, self.message = step, message
         self(0.0)
 
-    @staticmethod
-    def part(beat: "Beat", start: float, end: float):
+    def part(self, start: float, end: float):
         """A beat for a part of the current step, from `start` to `end` of it."""
-        return lambda within: beat(start + (end - start) * within)
+        return lambda within: self(start + (end - start) * within)
 
     def __call__(self, within: float) -> None:
         """`within`: how far the current step is (0..1). Raises Cancelled once the job is to stop."""
@@ -187,7 +187,6 @@ def train_final_layer(old: nn.Linear, features: torch.Tensor, labels: torch.Tens
     return layer
 
 
-
 def feedback_images(store, records: list, beat: Beat) -> tuple[torch.Tensor, torch.Tensor, list, list[str]]:
     """The saved pictures read as the app reads an upload, their final labels and records; a picture whose image
     is missing or unreadable is left out (and said why), the rest go on."""
@@ -234,16 +233,17 @@ def run_job(store, job_id: int | None, args: argparse.Namespace, started_by: str
 def guarded_version(store, beat: Beat, args: argparse.Namespace, started_by: str) -> str:
     """run_job's work, beating into `beat`."""
     from cifar10 import load_cifar10
-    from evaluate import (BANK_PER_CLASS, CALIBRATION_SEED, accuracy_report, expected_calibration_error,
-                          fit_calibration, low_confidence_threshold)
+    from evaluate import (CALIBRATION_SEED, accuracy_report, bank_indices, calibration_halves,
+                          expected_calibration_error, fit_calibration, low_confidence_threshold)
     from versions import PROMOTED, REJECTED, active_version, active_version_id, add_version, version_files
 
     job_id = beat.job_id
     started = time.monotonic()
     torch.manual_seed(args.seed)
     base_version = active_version(store)
-    base = load_version(store, base_version)
-    _, base_card, bank_bytes = version_files(store, base_version)
+    files = version_files(store, base_version)  # read (and checked) once
+    base = load_version(store, base_version, files)
+    _, base_card, bank_bytes = files
 
     # 1. the feedback, one in five held out
     beat.enter("feedback", f"reading the saved pictures ({base_version.name} in use)")
@@ -256,12 +256,9 @@ def guarded_version(store, beat: Beat, args: argparse.Namespace, started_by: str
     # 2. the features, computed once: only the final layer learns
     beat.enter("features", f"reading {len(read)} saved pictures and CIFAR-10 through {base_version.name}")
     data = load_cifar10(args.data)
-    generator = torch.Generator().manual_seed(args.seed)
-    cifar = torch.cat([torch.nonzero(data["train_y"] == c).flatten()[
-        torch.randperm(int((data["train_y"] == c).sum()), generator=generator)][:BANK_PER_CLASS]
-        for c in range(len(CLASSES))])
-    features = torch.cat([flip_features(base, x, Beat.part(beat, 0.0, 0.1)),
-                          reference_features(base, data, cifar, Beat.part(beat, 0.1, 1.0))], dim=1)
+    cifar = bank_indices(data["train_y"])
+    features = torch.cat([flip_features(base, x, beat.part(0.0, 0.1)),
+                          reference_features(base, data, cifar, beat.part(0.1, 1.0))], dim=1)
     pooled = features.mean(dim=0)  # what the app's flip TTA reads
     feedback_features, cifar_features = pooled[:len(y)], pooled[len(y):len(y) + len(cifar)]
     test_features, test_plain, test_y = pooled[len(y) + len(cifar):], features[0, len(y) + len(cifar):], data["test_y"]
@@ -283,14 +280,13 @@ def guarded_version(store, beat: Beat, args: argparse.Namespace, started_by: str
     old_right, new_right = right(old_held, held_y), right(new_held, held_y)
     promoted = new_right > old_right and new_accuracy >= old_accuracy - args.max_drop
 
-    order = torch.randperm(len(test_y), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-    fit_half, measure_half = order[:len(order) // 2], order[len(order) // 2:]
+    fit_half, measure_half = calibration_halves(len(test_y))
     share = args.calibration_share if len(held_y) else 0.0
     calibration = fit_calibration(
         torch.cat([new_test[fit_half], new_held]), torch.cat([test_y[fit_half], held_y]),
         torch.cat([torch.full((len(fit_half),), (1 - share) / len(fit_half)),
                    torch.full((len(held_y),), share / max(1, len(held_y)))]))
-    novelty = Novelty(torch.load(io.BytesIO(bank_bytes), map_location="cpu", weights_only=True)["bank"], 0.0)
+    novelty = Novelty(base.novelty.bank, 0.0)
     test_scores, held_scores = novelty.scores(test_features), novelty.scores(feedback_features[held])
     threshold = torch.quantile(test_scores, 1 - args.flagged_share).item()
     if len(held_scores):  # photos score higher than CIFAR-10 thumbnails: at most the same share of them is flagged

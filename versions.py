@@ -65,16 +65,19 @@ def active_version(store: Store) -> ModelVersion:
         version = sql.model_version(cursor, active) if active is not None else None
     if version is not None:
         return version
-    weights_path = SHIPPED_WEIGHTS
     try:
-        weights = weights_path.read_bytes()
-        card_bytes = weights_path.with_suffix(".json").read_bytes()
-        bank = weights_path.with_suffix(".novelty.pt").read_bytes()
-    except OSError as error:
-        raise StoreError(f"The shipped model at {weights_path} cannot be read ({error}), so the store has no model "
-                         "to serve: restore models/ from git.") from error
-    return add_version(store, weights, json.loads(card_bytes), bank, SHIPPED, made_from=None, created_by="",
+        weights, card, bank = shipped_files()
+    except (OSError, ValueError) as error:
+        raise StoreError(f"The shipped model at {SHIPPED_WEIGHTS} cannot be read ({error}), so the store has no "
+                         "model to serve: restore models/ from git.") from error
+    return add_version(store, weights, card, bank, SHIPPED, made_from=None, created_by="",
                        activate=True, records_seen=0, only_if_none=True)  # every saved record is new to it
+
+
+def shipped_files() -> tuple[bytes, dict, bytes]:
+    """The weights the app ships, their model card and novelty bank (models/), as version_files gives a version's."""
+    return (SHIPPED_WEIGHTS.read_bytes(), json.loads(SHIPPED_WEIGHTS.with_suffix(".json").read_bytes()),
+            SHIPPED_WEIGHTS.with_suffix(".novelty.pt").read_bytes())
 
 
 class UnservableVersion(StoreError):

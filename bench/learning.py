@@ -164,10 +164,8 @@ def job_time(args: argparse.Namespace) -> None:
 def switch_memory(args: argparse.Namespace) -> None:
     """A server's resident memory as it follows the store from version to version: each switch loads the new
     version (one model more, for a moment) and lets the old one go."""
-    import json
-
     from store import Store
-    from versions import PROMOTED, ActiveModel, activate, add_version
+    from versions import PROMOTED, ActiveModel, activate, add_version, shipped_files
 
     def resident_mb() -> float:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -175,9 +173,7 @@ def switch_memory(args: argparse.Namespace) -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # as app.tune_memory sets it on a server: big blocks go back
-    weights = (ROOT / "models" / "resnet18_cifar10.pt").read_bytes()
-    card = json.loads((ROOT / "models" / "resnet18_cifar10.json").read_text())
-    bank = (ROOT / "models" / "resnet18_cifar10.novelty.pt").read_bytes()
+    weights, card, bank = shipped_files()
     with tempfile.TemporaryDirectory(prefix="cifar10-learning-") as folder:
         os.environ.update({key: value for key, value in store_env(Path(folder)).items() if key in STORE_VARIABLES})
         store = Store.from_env()

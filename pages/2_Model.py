@@ -22,6 +22,20 @@ state = st.session_state
 state.setdefault("model_flash", None)
 
 
+def held_out(version: ModelVersion) -> tuple[int, int, int] | None:
+    """(held-out saved pictures the version it was made from got right, it got right, held out), when the job that
+    made it measured them."""
+    tuned = version.card.get("finetune") or {}
+    if not tuned.get("held_out"):
+        return None
+    return tuned["held_out_right"]["before"], tuned["held_out_right"]["after"], tuned["held_out"]
+
+
+def held_out_share(version: ModelVersion) -> float | None:
+    held = held_out(version)
+    return None if held is None else held[1] / held[2]
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -31,7 +45,7 @@ def numbers(version: ModelVersion) -> dict:
     card = version.card
     photos = card.get("real_photos") or {}
     tuned = card.get("finetune") or {}
-    held = tuned.get("held_out_right") or {}
+    held = held_out(version)
     return {
         "version": version.id,
         "status": version.status + (" (in use)" if version.id == active_id else ""),
@@ -43,7 +57,7 @@ def numbers(version: ModelVersion) -> dict:
         "CIFAR-10 test (flip TTA)": card.get("test_accuracy_tta"),
         "real photos right": f"{photos['right']} of {photos['photos']}" if photos else "",
         "calibration error": (card.get("calibration") or {}).get("ece_after"),
-        "held-out feedback right": f"{held['after']} of {tuned['held_out']} (was {held['before']})" if held else "",
+        "held-out feedback right": f"{held[1]} of {held[2]} (was {held[0]})" if held else "",
     }
 
 
@@ -145,10 +159,9 @@ columns[1].metric("Real photos right", shown["real photos right"] or "n/a",
                   help="Of the real photos of the ten classes the model was measured on when it was made.")
 columns[2].metric("Calibration error", percent(shown["calibration error"]),
                   help="On half the CIFAR-10 test split that the calibration was not fitted on.")
-held = (active.card.get("finetune") or {}).get("held_out_right")
-columns[3].metric("Held-out feedback right",
-                  f"{held['after']} of {active.card['finetune']['held_out']}" if held else "n/a",
-                  delta=f"{held['after'] - held['before']:+d} against v{active.made_from}" if held else None,
+held = held_out(active)
+columns[3].metric("Held-out feedback right", f"{held[1]} of {held[2]}" if held else "n/a",
+                  delta=f"{held[1] - held[0]:+d} against v{active.made_from}" if held else None,
                   help="Saved pictures never trained on (one in five, by content hash), when this version was made.")
 
 st.subheader("Improve the model")
@@ -157,17 +170,18 @@ st.caption("Fine-tunes the model in use on every saved picture under its final l
            "the held-out pictures right and loses at most 0.3 points on CIFAR-10; otherwise it is kept as rejected.")
 person = signin.current_person()
 password_needed = False
+refused = refusal(person, IMPROVE) if person.sign_in else None  # asked again when a button is pressed
 if not person.sign_in:
     try:
         password_needed = configured_admin_password() is not None
     except SettingsError as error:
         st.error(escape_markdown(str(error)), icon=":material/key:")
-elif refusal(person, IMPROVE):
-    st.caption(escape_markdown(refusal(person, IMPROVE)))
+elif refused:
+    st.caption(escape_markdown(refused))
 if password_needed:
     st.text_input("Admin password", type="password", key="improve_password")
 st.button("Improve the model", type="primary", icon=":material/model_training:", on_click=improve,
-          disabled=person.sign_in and bool(refusal(person, IMPROVE)))
+          disabled=bool(refused))
 job_status()
 
 st.subheader("Versions")
@@ -179,10 +193,7 @@ st.dataframe(table, hide_index=True, width="stretch", column_config={
 if len(every) > 1:
     chart = pd.DataFrame({
         "CIFAR-10 test (flip TTA)": [version.card.get("test_accuracy_tta") for version in every],
-        "held-out feedback": [
-            (version.card.get("finetune") or {}).get("held_out_right", {}).get("after", 0)
-            / max(1, (version.card.get("finetune") or {}).get("held_out", 0))
-            if (version.card.get("finetune") or {}).get("held_out") else None for version in every],
+        "held-out feedback": [held_out_share(version) for version in every],
         "calibration error": [(version.card.get("calibration") or {}).get("ece_after") for version in every],
     }, index=pd.Index([version.id for version in every], name="version"))
     st.line_chart(chart)
@@ -191,6 +202,5 @@ if len(every) > 1:
         chosen = st.selectbox("Version to use", choices, format_func=lambda number: f"version {number}")
         if password_needed:
             st.text_input("Admin password", type="password", key="activate_password")
-        st.button("Use this version", on_click=make_active, args=(chosen,),
-                  disabled=person.sign_in and bool(refusal(person, IMPROVE)),
+        st.button("Use this version", on_click=make_active, args=(chosen,), disabled=bool(refused),
                   help="Every server switches to it within 10 seconds (a rollback, or a rejected version after all).")

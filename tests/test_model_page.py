@@ -16,9 +16,10 @@ import versions
 from db import Store
 from classes import CLASSES
 from conftest import ROOT
+from test_app import click
 from test_team import open_page, page_words, signed_in
 from test_train import make_image_folder
-from test_versions import saved_feedback, shipped_files
+from test_versions import saved_feedback
 
 PAGE = "pages/2_Model.py"
 
@@ -39,13 +40,6 @@ def model_page() -> AppTest:
 
 def words(app: AppTest) -> str:
     return " ".join(page_words(app))
-
-
-def click(app: AppTest, label: str) -> None:
-    [button] = [button for button in app.button if button.label == label]
-    button.click()
-    app.run()
-    assert not app.exception
 
 
 def wait_for_job(store, state: str = "running", timeout: float = 120) -> versions.ModelJob:
@@ -71,7 +65,7 @@ def test_the_page_shows_the_version_in_use_every_version_and_a_rollback_every_se
     assert "In use: version 1" in words(app) and "No job has run yet." in words(app)
     assert app.metric[0].value == f"{versions.active_version(store).card['test_accuracy_tta']:.1%}"
 
-    weights, card, bank = shipped_files()
+    weights, card, bank = versions.shipped_files()
     described = card | {"finetune": {"held_out": 20, "held_out_right": {"before": 14, "after": 17},
                                      "trained_on": 80}, "test_accuracy_tta": 0.9301}
     versions.add_version(store, weights, described, bank, versions.PROMOTED, 1, "ana@example.com", activate=True)
@@ -189,7 +183,7 @@ def test_two_servers_on_one_team_store_follow_the_active_version_and_see_the_sam
         second.get_by_text("Job 1, started by someone").first.wait_for(timeout=60_000)
         second.get_by_text(", done:").first.wait_for(timeout=120_000)
 
-        weights, card, bank = shipped_files()
+        weights, card, bank = versions.shipped_files()
         made = versions.add_version(store, weights, card | {"note": "switched"}, bank, versions.PROMOTED, 1, "",
                                     activate=True)
         deadline = time.monotonic() + 10 + 5  # the switch, and a run to show it

@@ -6,7 +6,6 @@ feedback."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 
 import pytest
@@ -20,11 +19,6 @@ from conftest import image_bytes
 from inputs import load_image
 from records import NewPrediction, StoreError
 from test_train import make_image_folder
-
-
-def shipped_files() -> tuple[bytes, dict, bytes]:
-    return (DEFAULT_WEIGHTS.read_bytes(), json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text()),
-            DEFAULT_WEIGHTS.with_suffix(".novelty.pt").read_bytes())
 
 
 def other_weights() -> bytes:
@@ -45,17 +39,17 @@ def test_a_new_store_serves_the_shipped_weights_as_version_1_once(backend):
     assert versions.active_version(second) == served and len(versions.versions(second)) == 1
     assert served.id == 1 and served.status == versions.SHIPPED
     classifier = load_version(second, served)
-    assert classifier.version == served.name == f"v1@{hashlib.sha256(shipped_files()[0]).hexdigest()[:12]}"
+    assert classifier.version == served.name == f"v1@{hashlib.sha256(versions.shipped_files()[0]).hexdigest()[:12]}"
     shipped = load_classifier()
     picture = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(classifier.outputs(picture)[0], shipped.outputs(picture)[0])
-    assert served.weights_file.removeprefix("models/").startswith(hashlib.sha256(shipped_files()[0]).hexdigest())
+    assert served.weights_file.removeprefix("models/").startswith(hashlib.sha256(versions.shipped_files()[0]).hexdigest())
     assert backend.image_names() == set()  # the images' sweeps never see the model files
 
 
 def test_a_version_whose_weights_do_not_match_its_card_is_never_kept_or_served(backend):
     store = backend.store()
-    weights, card, bank = shipped_files()
+    weights, card, bank = versions.shipped_files()
     with pytest.raises(StoreError, match="describes other weights"):
         versions.add_version(store, weights[:-1] + b"x", card, bank, versions.PROMOTED, None, "", activate=True)
     assert versions.versions(store) == []
@@ -71,7 +65,7 @@ def test_a_version_whose_weights_do_not_match_its_card_is_never_kept_or_served(b
 
 def test_rollback_and_every_server_follows(backend):
     one, two = backend.store(), backend.store()
-    weights, card, bank = shipped_files()
+    weights, card, bank = versions.shipped_files()
     versions.active_version(one)
     card_two = card | {"note": "the same weights, described again"}
     second = versions.add_version(one, weights, card_two, bank, versions.PROMOTED, 1, "ana@example.com",
@@ -195,7 +189,7 @@ def test_the_command_line_classifies_with_the_version_the_store_has_active(backe
     from conftest import ROOT
 
     store = backend.store()
-    weights, card, bank = shipped_files()
+    weights, card, bank = versions.shipped_files()
     versions.active_version(store)
     flattened = card | {"calibration": {"parameters": {"a": 3.0}}}  # a temperature of e^3: every answer unsure
     versions.add_version(store, weights, flattened, bank, versions.PROMOTED, 1, "", activate=True)
@@ -245,7 +239,7 @@ def test_a_server_follows_the_active_version_loads_each_once_and_never_serves_a_
     served = versions.ActiveModel(load, check_s=5.0, clock=lambda: now[0])
     first, _ = served.get(store)
     assert first.id == 1 and served.get(store)[0].id == 1 and loads == [1]  # loaded once
-    weights, card, bank = shipped_files()
+    weights, card, bank = versions.shipped_files()
     second = versions.add_version(backend.store(), weights, card | {"note": 2}, bank, versions.PROMOTED, 1, "",
                                   activate=True)
     now[0] += 4.9
