@@ -716,19 +716,28 @@ div.st-key-one-classes { display: grid; grid-template-columns: repeat(2, minmax(
 }
 </style>""" % PICTURE_WIDTH
 # Brings the review into view, from its top to Save, when it is not: the view just chosen, or a key pressed with the
-# page scrolled away. Not while a text box has the cursor (someone typing URLs). Runs once per picture shown: the
-# comment names it.
+# page scrolled away. Not while a text box has the cursor (someone typing URLs). Runs once per picture shown and
+# once more when the inputs fold or open (the comment names both), each time as soon as Save has arrived (the page's
+# parts arrive one after another, later on a busy server).
 KEEP_REVIEW_IN_VIEW = """<script>
-/* picture %d of %d */
-requestAnimationFrame(() => {
+/* picture %d of %d, inputs folded: %s */
+{
+const started = performance.now();
+const bringIntoView = () => {
   const review = document.querySelector(".st-key-one-review");
   const actions = document.querySelector(".st-key-review-actions");
-  if (!review || !actions || document.activeElement?.closest("textarea, input")) return;
+  if (!review || !actions) {
+    if (performance.now() - started < 5000) requestAnimationFrame(bringIntoView);
+    return;
+  }
+  if (document.activeElement?.closest("textarea, input")) return;
   const header = document.querySelector('[data-testid="stHeader"]')?.getBoundingClientRect().bottom ?? 0;
   if (review.getBoundingClientRect().top < header || actions.getBoundingClientRect().bottom > window.innerHeight) {
     review.scrollIntoView({block: "start", behavior: "instant"});
   }
-});
+};
+requestAnimationFrame(bringIntoView);
+}
 </script>"""
 
 
@@ -781,7 +790,8 @@ def review_one(items: list[Item], threshold: float) -> None:
                 st.success(f"All {plural(len(items), 'picture')} reviewed. `Ctrl+Enter` saves them; `Backspace` goes "
                            "back.", icon=":material/done_all:")
     with st.container(key="keep-review-in-view"):  # takes no room on the page
-        st.html(KEEP_REVIEW_IN_VIEW % (index, len(items)), unsafe_allow_javascript=True)
+        st.html(KEEP_REVIEW_IN_VIEW % (index, len(items), st.session_state.get("inputs_folded")),
+                unsafe_allow_javascript=True)
 
 
 def press(action: str, shown: str | None) -> None:
