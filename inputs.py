@@ -187,14 +187,15 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_image_input(data: bytes, source: str) -> ImageInput:
-    """Decode and fingerprint an upload or download; the hash, not the user's name, identifies it on disk."""
+def read_image_input(data: bytes, source: str, digest: str | None = None) -> ImageInput:
+    """Decode and fingerprint an upload or download; the hash, not the user's name, identifies it on disk. `digest`:
+    its content_hash, where the caller has it already (the page hashes each input as it keeps it)."""
     image, image_format = _decode(data, source)
     return ImageInput(
         source=source,
         data=data,
         image=image,
-        content_hash=content_hash(data),
+        content_hash=digest or content_hash(data),
         extension="jpg" if image_format in JPEG_FORMATS else image_format.lower(),
     )
 

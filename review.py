@@ -60,6 +60,7 @@ class Pending:
     key: str
     source: str
     original: tuple[int, int]
+    content_hash: str  # hashed as it was kept: decoding does not hash it again
 
 
 Item = tuple[str, Classified]  # (input key, picture): the key tells two uploads of one name apart
@@ -89,7 +90,7 @@ def page_count(count: int) -> int:
 
 def decode(spool: Spool, pending: Pending) -> tuple[Image.Image, str, str, bytes, bytes, bytes]:
     """The picture for the model, its hash and extension, and its three display copies."""
-    image = read_image_input(spool.read(pending.original), pending.source)
+    image = read_image_input(spool.read(pending.original), pending.source, pending.content_hash)
     return (image.image, image.content_hash, image.extension, encode_image(image.image, PICTURE_SIZE),
             encode_image(image.image, CARD_SIZE), encode_image(image.image, THUMBNAIL_SIZE))
 
@@ -162,7 +163,7 @@ class Review:
                 self.results[key] = f"'{source}' was left out: {why}"
                 return
         place = self.kept[digest]
-        self.pending.append(Pending(key, source, place))
+        self.pending.append(Pending(key, source, place, digest))
         if self._held is not None and place not in self._held:
             self._held.add(place)
             self._held_bytes += place[1]
