@@ -179,19 +179,24 @@ class ActiveModel(Generic[Loaded]):
         self._served: tuple[ModelVersion, Loaded] | None = None
         self._checked = -float("inf")
         self._refused: int | None = None
+        self._failed: Exception | None = None  # why nothing could be served at the last check
         self.problem = ""  # why the active version is not the one served, or ""
 
     def get(self, store: Store) -> tuple[ModelVersion, Loaded]:
         """(the version served, its loaded model); StoreError or the loader's error when there is none to serve."""
         with self._lock:
-            if self._served is not None and self._clock() - self._checked < self._check_s:
-                return self._served
+            if self._clock() - self._checked < self._check_s:  # asked again only every check_s
+                if self._served is not None:
+                    return self._served
+                if self._failed is not None:  # not read again on every page run
+                    raise self._failed
             try:
                 active = active_version_id(store)
                 if self._served is not None and active == self._served[0].id:
                     self.problem = ""
             except StoreError as error:  # the store is down: the version served goes on
                 if self._served is None:
+                    self._failed, self._checked = error, self._clock()
                     raise
                 self.problem = str(error)
                 active = self._served[0].id
@@ -201,12 +206,13 @@ class ActiveModel(Generic[Loaded]):
                     loaded = self._load(store, version)
                 except Exception as error:
                     if self._served is None:
+                        self._failed, self._checked = error, self._clock()
                         raise
                     self.problem = str(error)
                     if not isinstance(error, StoreError) or isinstance(error, UnservableVersion):
                         self._refused = active  # not tried again until another is active (a store error is)
                 else:
-                    self._served, self._refused, self.problem = (version, loaded), None, ""
+                    self._served, self._refused, self._failed, self.problem = (version, loaded), None, None, ""
             self._checked = self._clock()
             return self._served
 

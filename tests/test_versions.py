@@ -285,3 +285,24 @@ def test_the_files_of_a_job_killed_while_it_kept_its_version_are_removed_later(b
     assert store.remove_leftovers(grace_s=1) == 2
     assert {name for name, _ in store.images.stored_models()} == {kept.weights_file, kept.card_file, kept.bank_file}
     load_version(store, kept)  # its own files stay
+
+
+def test_a_server_with_nothing_to_serve_asks_again_only_every_few_seconds(backend):
+    """A new server whose active version cannot be served fails each page run at once, without reading the
+    version's files again, until the next check."""
+    store = backend.store()
+    loads, now = [], [0.0]
+
+    def load(store_, version):
+        loads.append(version.id)
+        raise StoreError("the image store is down")
+
+    served = versions.ActiveModel(load, check_s=5.0, clock=lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(StoreError, match="down"):
+            served.get(store)
+    assert loads == [1]
+    now[0] += 5.1
+    with pytest.raises(StoreError):
+        served.get(store)
+    assert loads == [1, 1]
