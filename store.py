@@ -343,12 +343,17 @@ class Store:
 
     def _remove_unnamed_models(self, older_than: float) -> int:
         """Model files no version names, older than the grace period: those of a job killed while it kept its
-        version (its files go to the image store before its row commits). Under the write lock, as for images."""
-        old = [name for name, modified in self.images.stored_models() if modified < older_than]
-        if not old or self._other_owners():
+        version (its files go to the image store before its row commits)."""
+        return self.remove_unnamed_models([name for name, modified in self.images.stored_models()
+                                           if modified < older_than])
+
+    def remove_unnamed_models(self, names: Sequence[str]) -> int:
+        """Remove those of these model files that no version names, under the write lock, as for images; none
+        where another database uses this image store too. Returns how many went."""
+        if not names or self._other_owners():
             return 0
         with self.database.transaction(write=True) as cursor:
-            unnamed = [name for name in old if name not in sql.model_files(cursor)]
+            unnamed = [name for name in names if name not in sql.model_files(cursor)]
             self.images.delete_many(unnamed)
         return len(unnamed)
 

@@ -121,8 +121,7 @@ def add_version(store: Store, weights: bytes, card: dict, bank: bytes, status: s
         return _insert_version(store, files, card, status, made_from, created_by, activate, records_seen,
                                only_if_none, job)
     except JobStopped:
-        with store.database.transaction(write=True) as cursor:  # under the lock: no version takes them meanwhile
-            store.images.delete_many([name for name in files.values() if name not in sql.model_files(cursor)])
+        store.remove_unnamed_models(list(files.values()))
         raise
 
 
